@@ -1,0 +1,352 @@
+"""Accept-and-deliver benchmark: mailsvc side by side with other mail servers.
+
+What it measures
+----------------
+Each target server is started as a real process on 127.0.0.1 (a free port),
+with a fresh spool and Maildir, configured to deliver mail for
+``sink@bench.test`` locally. Postfix's ``smtp-source`` then sends N messages of
+SIZE bytes over S parallel SMTP sessions (one message per connection, as
+smtp-source does by default), and the bench polls the Maildir until all N
+messages are there. Targets:
+
+* ``mailsvc``  -- ``twistd -n mailsvc`` from the project venv (Maildir store;
+  fsyncs the spool before saying 250, by design).
+* ``aiosmtpd`` -- ``python -m aiosmtpd -c aiosmtpd.handlers.Mailbox``: a
+  stock aiosmtpd with Python's ``mailbox.Maildir`` (no spool, no fsync),
+  installed by the bench into ``bench/.venv-peers``.
+* ``postfix``  -- a private Postfix instance (own config and queue dir,
+  virtual(8) Maildir delivery, Postfix defaults otherwise: fsync, in_flow_delay).
+
+Rounds run in turn (A B C A B C ...), each with a new server process. A small
+warm-up batch (``--warmup``) is sent and delivered before measuring.
+
+How to read the table
+---------------------
+accepted msg/s   N / wall time of smtp-source (all N got "250" and QUIT).
+delivered msg/s  N / time from smtp-source start until N files are in the
+                 Maildir (new/ or cur/) and smtp-source has finished, so
+                 never above accepted; lower when delivery lags behind
+                 acceptance (a queue).
+CPU ms/msg       user+sys CPU of the server (its process and all children,
+                 from /proc/<pid>/stat) over the measured batch, per message.
+src ms/msg       the same for smtp-source (os.wait4 rusage): if it gets close
+                 to the wall time per message, the load generator is the limit.
+peak RSS MB      VmHWM (peak resident set) of the server process. For a
+                 multi-process server (Postfix) the larger of that and the
+                 highest sum of PSS over its processes, sampled every 0.5 s
+                 (PSS splits shared pages between the processes sharing them).
+
+The summary gives medians over the rounds that finished, and rows
+``mailsvc/<peer>``: mailsvc's median divided by the peer's. For the two rates,
+above 1 means mailsvc is faster; for CPU and RSS, above 1 means it uses more.
+A round that fails or takes longer than ``--timeout`` seconds is shown as an
+error row and left out of the medians. Numbers from a 2-core machine are noisy:
+compare rounds and look at the spread before reading much into a ratio.
+
+This is a measuring tool; it asserts nothing about speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _peers  # noqa: E402
+from _peers import TargetError  # noqa: E402
+
+SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
+POLL = 0.02          # seconds between Maildir counts once smtp-source is done
+SOURCE_POLL = 0.005  # seconds between checks for smtp-source's exit
+RSS_SAMPLE = 0.5     # seconds between memory samples of multi-process servers
+
+METRICS = [  # key, column title, format
+    ("accepted", "accepted msg/s", "{:.0f}"),
+    ("delivered", "delivered msg/s", "{:.0f}"),
+    ("cpu_ms", "CPU ms/msg", "{:.2f}"),
+    ("rss_mb", "peak RSS MB", "{:.1f}"),
+    ("src_cpu_ms", "src ms/msg", "{:.2f}"),
+]
+RATIO_KEYS = ("accepted", "delivered", "cpu_ms", "rss_mb")
+
+
+class RoundFailed(Exception):
+    pass
+
+
+class Source:
+    """One run of smtp-source, a child in its own session, reaped with wait4."""
+
+    def __init__(self, port: int, messages: int, sessions: int, size: int, log: Path):
+        argv = [SMTP_SOURCE, "-s", str(sessions), "-m", str(messages), "-l", str(size),
+                "-f", f"bench@{_peers.DOMAIN}", "-t", f"{_peers.USER}@{_peers.DOMAIN}",
+                f"127.0.0.1:{port}"]
+        self.log = log
+        with open(log, "wb") as out:
+            self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                          stderr=subprocess.STDOUT, start_new_session=True)
+        self.started = time.monotonic()
+        self.ended: float | None = None
+        self.status: int | None = None
+        self.cpu = 0.0
+
+    def poll(self) -> bool:
+        """True once smtp-source has exited (then ended, status and cpu are set)."""
+        if self.ended is not None:
+            return True
+        pid, status, ru = os.wait4(self.popen.pid, os.WNOHANG)
+        if pid == 0:
+            return False
+        self.ended = time.monotonic()
+        self.status = os.waitstatus_to_exitcode(status)
+        self.popen.returncode = self.status  # so Popen will not wait for it again
+        self.cpu = ru.ru_utime + ru.ru_stime
+        return True
+
+    def error(self) -> str | None:
+        if self.status in (None, 0):  # running, or finished well
+            return None
+        return f"smtp-source exit {self.status}: {_peers.log_tail(self.log, 1)}"
+
+    def kill(self) -> None:
+        if self.ended is None:
+            try:
+                os.kill(self.popen.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            os.waitpid(self.popen.pid, 0)
+            self.ended = time.monotonic()
+
+
+def wait_delivered(target, mail: Path, expected: int, deadline: float, source=None,
+                   rss=None) -> float | None:
+    """Poll until ``expected`` messages are in the Maildir; return that moment.
+
+    Also reaps ``source`` when it exits and samples tree memory into ``rss``.
+    Raises RoundFailed on a dead server, a failed smtp-source or the deadline.
+    While smtp-source runs, the Maildir is counted only now and then (counting
+    costs CPU that the servers would miss); after it, every POLL seconds.
+    """
+    next_count = next_rss = 0.0
+    while True:
+        now = time.monotonic()
+        running = source is not None and not source.poll()
+        if source is not None and source.error():
+            raise RoundFailed(source.error())
+        if now >= next_count or not running:
+            if _peers.count_delivered(mail) >= expected and not running:
+                # Delivered means in the Maildir and acknowledged to the
+                # client, so delivered never beats accepted.
+                return max(now, source.ended) if source is not None else now
+            next_count = now + 0.5
+        if rss is not None and now >= next_rss:
+            rss.append(_peers.tree_pss_kb(target.pid))
+            next_rss = now + RSS_SAMPLE
+        if not target.alive():
+            raise RoundFailed("server died during the run")
+        if now > deadline:
+            n = _peers.count_delivered(mail)
+            what = " (smtp-source still running)" if running else ""
+            raise RoundFailed(f"timed out: {n}/{expected} delivered{what}")
+        time.sleep(SOURCE_POLL if running else POLL)
+
+
+def run_round(target, rnd: int, args, base: Path, prepared: dict) -> dict:
+    row = {"target": target.name, "round": rnd, "ok": False, "error": None}
+    row.update({k: None for k, _, _ in METRICS})
+    if prepared[target.name] is not None:
+        row["error"] = prepared[target.name]
+        return row
+    workdir = base / f"{target.name}-{rnd}"
+    workdir.mkdir()
+    source = None
+    try:
+        port = _peers.free_port()
+        target.start(workdir, port)
+        mail = target.mail_root()
+        deadline = time.monotonic() + args.timeout
+        if args.warmup:
+            source = Source(port, args.warmup, min(args.sessions, args.warmup), args.size,
+                            workdir / "smtp-source-warmup.log")
+            wait_delivered(target, mail, args.warmup, deadline, source)
+        cpu0 = _peers.tree_cpu_seconds(target.pid)
+        rss: list[int] | None = [] if target.multi_process else None
+        source = Source(port, args.messages, args.sessions, args.size,
+                        workdir / "smtp-source.log")
+        delivered_at = wait_delivered(target, mail, args.warmup + args.messages, deadline,
+                                      source, rss)
+        cpu1 = _peers.tree_cpu_seconds(target.pid)
+        n = args.messages
+        row.update(
+            ok=True,
+            accepted=n / (source.ended - source.started),
+            delivered=n / (delivered_at - source.started),
+            cpu_ms=(cpu1 - cpu0) * 1000 / n,
+            rss_mb=max([_peers.peak_rss_kb(target.pid), *(rss or ())]) / 1024,
+            src_cpu_ms=source.cpu * 1000 / n,
+        )
+    except (TargetError, RoundFailed) as e:
+        row["error"] = str(e)
+    finally:
+        if source is not None:
+            source.kill()
+        target.stop()
+        if not args.keep:
+            _peers.remove_tree(workdir)
+    return row
+
+
+# ----------------------------------------------------------------- output
+
+def fmt_row(cells, widths) -> str:
+    return "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w)
+                     for i, (c, w) in enumerate(zip(cells, widths)))
+
+
+HEAD = ["target", "round"] + [title for _, title, _ in METRICS]
+WIDTHS = [16, 5] + [max(len(title), 8) for _, title, _ in METRICS]
+
+
+def show(row: dict) -> str:
+    if not row["ok"]:
+        return fmt_row([row["target"], row["round"]], WIDTHS[:2]) + "  ERROR: " + row["error"]
+    return fmt_row([row["target"], row["round"]] +
+                   [f.format(row[k]) for k, _, f in METRICS], WIDTHS)
+
+
+def summarize(rows: list[dict], names: list[str]) -> tuple[dict, dict]:
+    medians = {}
+    for name in names:
+        ok = [r for r in rows if r["target"] == name and r["ok"]]
+        total = sum(1 for r in rows if r["target"] == name)
+        medians[name] = {"rounds_ok": len(ok), "rounds": total}
+        for k, _, _ in METRICS:
+            medians[name][k] = statistics.median(r[k] for r in ok) if ok else None
+    ratios = {}
+    base = medians.get("mailsvc")
+    for name in names:
+        if name == "mailsvc" or base is None:
+            continue
+        ratios[name] = {
+            k: (base[k] / medians[name][k]
+                if base[k] is not None and medians[name][k] else None)
+            for k, _, _ in METRICS if k in RATIO_KEYS}
+    return medians, ratios
+
+
+def show_summary(medians: dict, ratios: dict) -> list[str]:
+    out = ["", "summary: medians of finished rounds"]
+    out.append(fmt_row(["target", "ok"] + [t for _, t, _ in METRICS], WIDTHS))
+    for name, m in medians.items():
+        cells = [f.format(m[k]) if m[k] is not None else "-" for k, _, f in METRICS]
+        out.append(fmt_row([name, f"{m['rounds_ok']}/{m['rounds']}"] + cells, WIDTHS))
+    for name, r in ratios.items():
+        cells = [f"{r[k]:.2f}x" if r.get(k) is not None else "-" for k, _, _ in METRICS]
+        out.append(fmt_row([f"mailsvc/{name}", ""] + cells, WIDTHS))
+    return out
+
+
+# ------------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="See the module docstring / bench/README.md.")
+    p.add_argument("--messages", type=int, default=2000, help="messages per round (2000)")
+    p.add_argument("--sessions", type=int, default=20, help="parallel SMTP sessions (20)")
+    p.add_argument("--size", type=int, default=1024, help="message body bytes (1024)")
+    p.add_argument("--rounds", type=int, default=2, help="rounds per target (2)")
+    p.add_argument("--warmup", type=int, default=20,
+                   help="messages sent and delivered before measuring (20; 0 = none)")
+    p.add_argument("--timeout", type=float, default=120.0,
+                   help="seconds one round may take before it is stopped (120)")
+    p.add_argument("--targets", default=",".join(_peers.TARGETS),
+                   help="comma-separated, from: " + ", ".join(_peers.TARGETS))
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--keep", action="store_true", help="keep the temp dirs (logs, mail)")
+    args = p.parse_args(argv)
+    for k in ("messages", "sessions", "size", "rounds"):
+        if getattr(args, k) < 1:
+            p.error(f"--{k} must be at least 1")
+    if args.warmup < 0:
+        p.error("--warmup must be 0 or more")
+    names = [t.strip() for t in args.targets.split(",") if t.strip()]
+    unknown = [t for t in names if t not in _peers.TARGETS]
+    if unknown or not names:
+        p.error(f"unknown target(s) {unknown}; choose from {', '.join(_peers.TARGETS)}")
+    args.names = names
+    return args
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _terminate)  # also when started with SIGINT ignored
+    _peers.become_subreaper()
+    out = sys.stderr if args.json else sys.stdout
+
+    def say(line=""):
+        print(line, file=out, flush=True)
+
+    if not os.path.exists(SMTP_SOURCE):
+        print(f"error: {SMTP_SOURCE} not found (apt-get install postfix)", file=sys.stderr)
+        return 2
+    targets = [_peers.TARGETS[n]() for n in args.names]
+    prepared: dict[str, str | None] = {}
+    for t in targets:
+        try:
+            t.prepare()
+            prepared[t.name] = None
+        except TargetError as e:
+            prepared[t.name] = str(e)
+
+    base = Path(tempfile.mkdtemp(prefix="mailsvc-bench-"))
+    say(f"# accept+deliver: {args.messages} msgs x {args.size} B, {args.sessions} sessions, "
+        f"{args.rounds} rounds, warm-up {args.warmup}; {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}" + (f"; temp dir {base}" if args.keep else ""))
+    say(fmt_row(HEAD, WIDTHS))
+    rows: list[dict] = []
+    interrupted = False
+    try:
+        for rnd in range(1, args.rounds + 1):
+            for t in targets:
+                row = run_round(t, rnd, args, base, prepared)
+                rows.append(row)
+                say(show(row))
+    except KeyboardInterrupt:
+        interrupted = True
+        say("# interrupted: stopping servers")
+    finally:
+        for t in targets:
+            t.stop()
+        if not args.keep:
+            _peers.remove_tree(base)
+
+    medians, ratios = summarize(rows, args.names)
+    for line in show_summary(medians, ratios):
+        say(line)
+    if args.json:
+        params = {k: getattr(args, k) for k in
+                  ("messages", "sessions", "size", "rounds", "warmup", "timeout")}
+        params["targets"] = args.names
+        print(json.dumps({"params": params, "rounds": rows, "summary": medians,
+                          "ratios_mailsvc_over": ratios}, indent=2))
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""The queue runner: the spool's one reader, driving agents by the clock.
+
+rfc5321 4.5.4.1: mail that cannot be sent at once is queued and retried
+periodically, with a delay after each failure and a give-up time; a new
+message gets "immediate attention" (``submit``). rfc5321 6.1: the spool
+keeps the message until every recipient is delivered or has failed for good.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailsvc.envelope import QueuedMessage, RecipientState
+from mailsvc.errors import DeliveryError, TemporaryDeliveryError
+from mailsvc.spool.schedule import RetrySchedule
+
+PENDING = RecipientState.PENDING
+
+
+def _key(message: QueuedMessage) -> tuple[str, str]:
+    return (message.hop, message.id)
+
+
+def _pending(message: QueuedMessage) -> list:
+    return [r for r in message.envelope.recipients if r.state is PENDING]
+
+
+class QueueRunner:
+    """Delivers what is in the spool, each message through the agent of its hop.
+
+    :param spool: the ``ISpool``.
+    :param agents: a mapping from hop name to ``IDeliveryAgent``.
+    :param clock: an ``IReactorTime`` (``seconds``, ``callLater``).
+    :param schedule: a ``RetrySchedule``.
+    :param scan_interval: seconds between scans of the spool for due messages.
+    :param concurrency: most deliveries in flight at once.
+    :param log: a ``twisted.logger.Logger``.
+    :param run_blocking: ``run_blocking(f, *args)`` returns a Deferred of
+        ``f(*args)``; the spool's blocking calls go through it. Default: call
+        in the reactor thread. Production may pass a thread-pool runner.
+
+    A delivery in flight covers the agent's work and the spool update after
+    it; the same ``(hop, id)`` is never in flight twice.
+    """
+
+    def __init__(
+        self,
+        spool,
+        agents: Mapping[str, object],
+        clock,
+        schedule: RetrySchedule,
+        scan_interval: float = 60,
+        concurrency: int = 20,
+        log: Logger | None = None,
+        run_blocking: Callable | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, not {concurrency!r}")
+        self._spool = spool
+        self._agents = dict(agents)
+        self._clock = clock
+        self._schedule = schedule
+        self._scan_interval = scan_interval
+        self._concurrency = concurrency
+        self._log = log or Logger(namespace="mailsvc.delivery.runner")
+        self._blocking = run_blocking or defer.maybeDeferred
+        self._running = False
+        self._inflight: set[tuple[str, str]] = set()
+        self._waiting: OrderedDict[tuple[str, str], QueuedMessage] = OrderedDict()
+        self._timers: dict[tuple[str, str], object] = {}
+        self._scan_call = None
+        self._scanning = False
+        # Keys whose state changed while a scan ran: the scan may have read
+        # them before the change, so its copy is stale.
+        self._changed_during_scan: set[tuple[str, str]] = set()
+        self._idle: list[defer.Deferred] = []
+
+    # ------------------------------------------------------------ control
+
+    def start(self) -> defer.Deferred:
+        """Recover the spool, schedule what it holds, then scan periodically.
+
+        Returns a Deferred that fires once recovery is done.
+        """
+        self._running = True
+        d = self._blocking(self._spool.recover)
+
+        def recovered(messages):
+            self._log.info("recovered {count} queued messages", count=len(messages))
+            for message in messages:
+                self._schedule_message(message)
+
+        d.addCallback(recovered)
+        d.addErrback(lambda f: self._log.failure("spool recovery failed", f))
+        d.addBoth(lambda _: self._next_scan())
+        return d
+
+    def stop(self) -> defer.Deferred:
+        """Stop scanning and retrying; fire when in-flight deliveries end."""
+        self._running = False
+        if self._scan_call is not None and self._scan_call.active():
+            self._scan_call.cancel()
+        self._scan_call = None
+        for call in self._timers.values():
+            if call.active():
+                call.cancel()
+        self._timers.clear()
+        self._waiting.clear()
+        if not self._inflight:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._idle.append(d)
+        return d
+
+    def submit(self, message: QueuedMessage) -> None:
+        """Try ``message`` now (the receiver calls this right after commit)."""
+        if self._running:
+            self._enqueue(message)
+
+    # ------------------------------------------------------------ scheduling
+
+    def _schedule_message(self, message: QueuedMessage) -> None:
+        """Enqueue ``message`` if due, else set a timer for when it is."""
+        pending = _pending(message)
+        if not pending:
+            self._finish_done(message)
+            return
+        due = min(r.next_attempt for r in pending)
+        delay = due - self._clock.seconds()
+        if delay <= 0:
+            self._enqueue(message)
+            return
+        key = _key(message)
+        self._cancel_timer(key)
+        self._timers[key] = self._clock.callLater(delay, self._timer_fired, message)
+
+    def _timer_fired(self, message: QueuedMessage) -> None:
+        self._timers.pop(_key(message), None)
+        self._enqueue(message)
+
+    def _cancel_timer(self, key) -> None:
+        call = self._timers.pop(key, None)
+        if call is not None and call.active():
+            call.cancel()
+
+    def _enqueue(self, message: QueuedMessage) -> None:
+        if not self._running:
+            return
+        key = _key(message)
+        if key in self._inflight or key in self._waiting:
+            return
+        self._cancel_timer(key)
+        self._waiting[key] = message
+        self._pump()
+
+    def _pump(self) -> None:
+        while self._running and self._waiting and len(self._inflight) < self._concurrency:
+            key, message = self._waiting.popitem(last=False)
+            self._inflight.add(key)
+            self._deliver(message).addBoth(self._released, key)
+
+    def _released(self, _, key) -> None:
+        self._inflight.discard(key)
+        if self._scanning:
+            self._changed_during_scan.add(key)
+        if not self._inflight and self._idle:
+            waiters, self._idle = self._idle, []
+            for d in waiters:
+                d.callback(None)
+        self._pump()
+
+    # ------------------------------------------------------------ scanning
+
+    def _next_scan(self) -> None:
+        if self._running:
+            self._scan_call = self._clock.callLater(self._scan_interval, self._scan)
+
+    def _scan(self) -> None:
+        self._scan_call = None
+        self._scanning = True
+        self._changed_during_scan.clear()
+        d = self._blocking(self._spool.queued)
+
+        def scanned(messages):
+            now = self._clock.seconds()
+            for message in messages:
+                key = _key(message)
+                if key in self._changed_during_scan:
+                    continue
+                pending = _pending(message)
+                if pending and min(r.next_attempt for r in pending) <= now:
+                    self._enqueue(message)
+
+        d.addCallback(scanned)
+        d.addErrback(lambda f: self._log.failure("spool scan failed", f))
+
+        def done(_):
+            self._scanning = False
+            self._changed_during_scan.clear()
+            self._next_scan()
+
+        d.addBoth(done)
+
+    # ------------------------------------------------------------ delivering
+
+    def _deliver(self, message: QueuedMessage) -> defer.Deferred:
+        """Run the agent on ``message``'s pending recipients, then record results."""
+        agent = self._agents.get(message.hop)
+        if agent is None:
+            self._log.error(
+                "no delivery agent for hop={hop}; id={id} stays queued", hop=message.hop, id=message.id
+            )
+            return defer.succeed(None)
+        # Only pending recipients are ever shown to the agent.
+        attempt = message.evolve(envelope=message.envelope.evolve(recipients=tuple(_pending(message))))
+        d = defer.maybeDeferred(agent.deliver, attempt)
+        d.addErrback(self._agent_failed, message)
+        d.addCallback(self._record, message)
+        d.addErrback(lambda f: self._log.failure("recording results of id={id} failed", f, id=message.id))
+        return d
+
+    def _agent_failed(self, failure: Failure, message: QueuedMessage) -> dict:
+        self._log.failure(
+            "agent for hop={hop} failed on id={id}", failure, hop=message.hop, id=message.id
+        )
+        error = TemporaryDeliveryError(f"internal error: {failure.getErrorMessage()}", "4.3.0")
+        return {r.address: error for r in _pending(message)}
+
+    def _record(self, results, message: QueuedMessage) -> defer.Deferred:
+        """Fold the agent's ``results`` into the recipients' state; save it."""
+        if not isinstance(results, Mapping):
+            self._log.error(
+                "agent for hop={hop} returned {results!r} for id={id}, not a mapping",
+                hop=message.hop,
+                id=message.id,
+                results=results,
+            )
+            results = {}
+        now = self._clock.seconds()
+        recipients = []
+        for r in message.envelope.recipients:
+            if r.state is not PENDING:
+                recipients.append(r)
+                continue
+            recipients.append(self._outcome(message, r, results.get(r.address, _NO_RESULT), now))
+        updated = message.evolve(envelope=message.envelope.evolve(recipients=tuple(recipients)))
+        if _pending(updated):
+            # After a failed update, no timer: the next scan reads what the
+            # spool really holds (a message removed meanwhile stays removed).
+            d = self._blocking(self._spool.update, updated)
+            d.addCallbacks(
+                lambda _: self._running and self._schedule_message(updated),
+                self._save_failed,
+                errbackArgs=("update", updated),
+            )
+        else:
+            d = self._blocking(self._spool.remove, updated)
+            d.addErrback(self._save_failed, "remove", updated)
+        return d
+
+    def _outcome(self, message: QueuedMessage, r, error, now: float):
+        attempts = r.attempts + 1
+        fields = dict(id=message.id, to=r.address, hop=message.hop, attempts=attempts)
+        if error is None:
+            self._log.info("delivered id={id} to=<{to}> hop={hop}", **fields)
+            return r.evolve(state=RecipientState.DELIVERED, attempts=attempts, last_error="")
+        if not isinstance(error, DeliveryError):
+            result = "nothing" if error is _NO_RESULT else repr(error)
+            self._log.error(
+                "agent gave no usable result for id={id} to=<{to}> hop={hop}: {result}",
+                result=result,
+                **fields,
+            )
+            error = TemporaryDeliveryError("delivery agent gave no result", "4.3.0")
+        text = str(error)
+        if error.permanent:
+            self._log.error("failed id={id} to=<{to}> hop={hop} error={error}", error=text, **fields)
+            return r.evolve(state=RecipientState.FAILED, attempts=attempts, last_error=text)
+        # rfc5321 4.5.4.1: retry later, and give up at last.
+        when = self._schedule.next_attempt(attempts, message.envelope.received_at, now)
+        if when is None:
+            text = f"4.4.7 gave up after {self._schedule.describe_give_up()}: {text}"
+            self._log.error("failed id={id} to=<{to}> hop={hop} error={error}", error=text, **fields)
+            return r.evolve(state=RecipientState.FAILED, attempts=attempts, last_error=text)
+        self._log.info(
+            "deferred id={id} to=<{to}> hop={hop} attempts={attempts} next_in={delay:.0f}s"
+            " error={error}",
+            delay=when - now,
+            error=text,
+            **fields,
+        )
+        return r.evolve(attempts=attempts, next_attempt=when, last_error=text)
+
+    def _save_failed(self, failure: Failure, action: str, message: QueuedMessage) -> None:
+        # The old state stays on disk: recipients may be tried again (at
+        # least once, never lost; DESIGN rule 1).
+        self._log.failure(
+            "spool {action} of {hop}/{id} failed", failure, action=action, hop=message.hop, id=message.id
+        )
+
+    def _finish_done(self, message: QueuedMessage) -> None:
+        d = self._blocking(self._spool.remove, message)
+        d.addErrback(self._save_failed, "remove", message)
+
+
+_NO_RESULT = object()

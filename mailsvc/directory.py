@@ -1,0 +1,78 @@
+"""The ``config`` recipient directory: local domains, users and aliases from the config.
+
+Answers are computed from ``mailsvc.config.LocalConfig`` alone, in memory,
+and returned directly (no Deferred). Local parts match without regard to
+case; every user receives mail at every local domain.
+"""
+
+from __future__ import annotations
+
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from mailsvc.aliases import expandAlias
+from mailsvc.envelope import LocalMailbox
+from mailsvc.interfaces import IRecipientDirectory, IRecipientDirectoryFactory
+
+POSTMASTER = "postmaster"
+
+
+@implementer(IRecipientDirectory)
+class ConfigDirectory:
+    """Recipients from a ``LocalConfig`` (``[local]``): users and aliases."""
+
+    def __init__(self, local) -> None:
+        self.domains = tuple(local.domains)
+        self.users = dict(local.users)
+        self.aliases = dict(local.aliases)
+
+    def isLocalDomain(self, domain: str) -> bool:
+        """Whether ``domain`` is local; case and a trailing dot do not matter."""
+        return domain.lower().removesuffix(".") in self.domains
+
+    def _split(self, address: str) -> tuple[str, str] | None:
+        """(local part lower-cased, local domain) of ``address``, or None if not local.
+
+        A bare ``postmaster`` (rfc5321 4.5.1: ``RCPT TO:<Postmaster>`` must
+        be accepted) goes to the first local domain.
+        """
+        local, at, domain = address.rpartition("@")
+        if not at:
+            local, domain = address, self.domains[0] if self.domains else ""
+            if local.lower() != POSTMASTER:
+                return None
+        domain = domain.lower().removesuffix(".")
+        if not local or domain not in self.domains:
+            return None
+        return local.lower(), domain
+
+    def resolve(self, address: str) -> tuple[LocalMailbox, ...]:
+        """The final mailboxes of ``address``: aliases expanded, no repeats; ``()`` if unknown."""
+        split = self._split(address)
+        if split is None:
+            return ()
+        local, domain = split
+        return tuple(
+            LocalMailbox(f"{user}@{domain}", user, self.users.get(user, ""))
+            for user in expandAlias(local, self.users, self.aliases)
+        )
+
+    def expand(self, address: str) -> tuple[str, ...] | None:
+        """The members of alias ``address`` (one level, ``member@domain``), or None if not an alias."""
+        split = self._split(address)
+        if split is None or split[0] not in self.aliases:
+            return None
+        local, domain = split
+        return tuple(f"{member}@{domain}" for member in self.aliases[local])
+
+
+@implementer(IPlugin, IRecipientDirectoryFactory)
+class ConfigDirectoryFactory:
+    """The ``config`` directory plugin: ``[local]`` users and aliases."""
+
+    name = "config"
+    description = "Users and aliases from [local] in the config (users_file, aliases_file)"
+
+    def makeDirectory(self, config) -> ConfigDirectory:
+        """A ``ConfigDirectory`` over ``config.local`` (a ``mailsvc.config.Config``)."""
+        return ConfigDirectory(config.local)

@@ -1,0 +1,216 @@
+"""Every extension point of mailsvc, as a zope interface.
+
+Implementations are found as Twisted plugins (``twisted.plugin.getPlugins``
+over the ``twisted.plugins`` package) and chosen by name in the config. A
+plugin module is a file in a ``twisted/plugins/`` folder (with no
+``__init__.py``) anywhere on ``sys.path``, holding module-level objects that
+provide one of the ``I*Factory`` interfaces below. See ``README.md``,
+"Extending mailsvc".
+
+Values passed across these interfaces (``Envelope``, ``Recipient``,
+``LocalMailbox``, ``QueuedMessage``) live in ``mailsvc.envelope``; errors in
+``mailsvc.errors``.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+# ---------------------------------------------------------------- storage
+
+
+class IMailboxStore(Interface):
+    """Mailboxes that local delivery writes into (Maildir, mbox, ...).
+
+    Methods are blocking; the local delivery agent calls them in a thread.
+    """
+
+    def deliver(mailbox, headers, source):
+        """Store one message in ``mailbox`` durably, then return.
+
+        :param str mailbox: the mailbox name (a local user name).
+        :param headers: header lines (``str``, no line end) to put before the
+            message, in order (``Return-Path:``, ``Delivered-To:``).
+        :param source: a binary file object positioned at the start of the
+            message in wire form (CRLF line ends, no dot-stuffing). The store
+            converts it to its own form (Maildir and mbox files use LF).
+        :return: a ``str`` naming where it was stored (e.g. the file path).
+        :raise mailsvc.errors.TemporaryDeliveryError: trying later may help
+            (disk full, permissions, lock held).
+        :raise mailsvc.errors.PermanentDeliveryError: it will not.
+
+        When this returns, the message is on disk (fsync'd). When it raises,
+        nothing partial is visible in the mailbox.
+        """
+
+    def exists(mailbox):
+        """Whether ``mailbox`` has been created in this store (bool)."""
+
+
+class IMailboxStoreFactory(Interface):
+    """A plugin that makes mailbox stores of one kind."""
+
+    name = Attribute("The name config uses to select it, e.g. 'maildir'.")
+    description = Attribute("One line for humans.")
+
+    def makeStore(options):
+        """Return an ``IMailboxStore``.
+
+        :param options: a mapping from the config's ``[store]`` table with
+            ``type`` removed; ``path`` already resolved to an absolute path.
+        :raise mailsvc.errors.ConfigError: on a bad option (naming it).
+        """
+
+
+# ---------------------------------------------------------------- recipients
+
+
+class IRecipientDirectory(Interface):
+    """Who receives mail here: local domains, users, aliases and lists.
+
+    Used by RCPT (is this a recipient?), VRFY, EXPN, and to expand aliases
+    before a message is queued. Methods may return their value or a Deferred
+    that fires with it.
+    """
+
+    def isLocalDomain(domain):
+        """True if mail for ``domain`` (lower case, no trailing dot) is delivered here."""
+
+    def resolve(address):
+        """The final local mailboxes for ``address``.
+
+        :param str address: ``local@domain`` with a local domain.
+        :return: a tuple of ``mailsvc.envelope.LocalMailbox``, aliases
+            expanded recursively and duplicates removed; ``()`` when
+            ``address`` is not a recipient here. Local parts match without
+            regard to case. ``postmaster`` always resolves (rfc5321 4.5.1).
+        """
+
+    def expand(address):
+        """For EXPN: the member addresses of list ``address``, or ``None``
+        when ``address`` is not a list (alias)."""
+
+
+class IRecipientDirectoryFactory(Interface):
+    """A plugin that makes recipient directories."""
+
+    name = Attribute("The name config uses to select it, e.g. 'config'.")
+    description = Attribute("One line for humans.")
+
+    def makeDirectory(config):
+        """Return an ``IRecipientDirectory`` for a ``mailsvc.config.Config``."""
+
+
+# ---------------------------------------------------------------- policy
+
+
+class IPolicy(Interface):
+    """Hooks on an SMTP session, called in order at each stage.
+
+    Each hook returns ``None`` (no opinion: go on), or a
+    ``mailsvc.policy.Verdict`` (accept, reject with a code, defer with a
+    code, and optionally header lines to add), or a Deferred firing with one
+    of those. The first reject or defer wins and is sent to the client.
+    ``session`` is a ``mailsvc.policy.SessionInfo``.
+    """
+
+    def connect(session):
+        """A client connected (before the greeting)."""
+
+    def helo(session, name):
+        """The client said HELO or EHLO ``name``."""
+
+    def mail(session, sender, parameters):
+        """MAIL FROM: ``sender`` (``""`` for ``<>``), ``parameters`` a dict."""
+
+    def rcpt(session, recipient, parameters):
+        """RCPT TO: ``recipient`` (already accepted by the directory and relay rules)."""
+
+    def endOfData(session, envelope):
+        """The whole message arrived; ``envelope`` is a ``mailsvc.envelope.Envelope``.
+        Headers in an accepting verdict are added on top of the message."""
+
+
+class IPolicyFactory(Interface):
+    """A plugin that makes policies."""
+
+    name = Attribute("The name config uses to select it.")
+    description = Attribute("One line for humans.")
+
+    def makePolicy(options):
+        """Return an ``IPolicy``; ``options`` is the plugin's config table."""
+
+
+# ---------------------------------------------------------------- spool
+
+
+class IMessageWriter(Interface):
+    """A message being received into the spool, not yet committed."""
+
+    id = Attribute("The queue ID (str) the message will have once committed.")
+    size = Attribute("Octets written so far (int).")
+
+    def write(data):
+        """Append ``data`` (bytes, wire form: CRLF, no dot-stuffing).
+
+        :raise mailsvc.errors.SpoolError: the data could not be written.
+        """
+
+    def commit(envelope, routes):
+        """Make the message durable, under every hop in ``routes``.
+
+        :param envelope: the ``Envelope`` (its ``recipients`` are ignored).
+        :param routes: a mapping from hop name (``"local"``, ...) to the tuple
+            of ``Recipient`` filed under that hop.
+        :return: a list of ``QueuedMessage``, one per hop.
+        :raise mailsvc.errors.SpoolError: nothing was committed and nothing
+            half-written is left behind.
+
+        Data and control files are written under temporary names, fsync'd,
+        renamed, and their directories fsync'd before this returns
+        (rfc5321 4.1.1.4, 6.1: accepting is taking responsibility).
+        """
+
+    def abort():
+        """Forget the message: remove what was written. Safe to call twice."""
+
+
+class ISpool(Interface):
+    """The durable queue. The receiver writes it; the queue runner reads it."""
+
+    def newMessage():
+        """Begin a message: return an ``IMessageWriter``."""
+
+    def recover():
+        """On start: remove temporary files a crash left behind, return every
+        committed ``QueuedMessage``."""
+
+    def queued():
+        """Every committed ``QueuedMessage`` now in the spool (a list)."""
+
+    def open(message):
+        """A binary file object reading the message to deliver: its
+        ``prepend_headers`` (CRLF-terminated) then its data, in wire form."""
+
+    def update(message):
+        """Durably replace the recipients' state of ``message`` (a
+        ``QueuedMessage``) with the one given."""
+
+    def remove(message):
+        """Remove ``message`` (every recipient is done)."""
+
+
+# ---------------------------------------------------------------- delivery
+
+
+class IDeliveryAgent(Interface):
+    """Carries a queued message one step on (into a mailbox, to a peer...)."""
+
+    def deliver(message):
+        """Try every PENDING recipient of ``message`` (a ``QueuedMessage``).
+
+        :return: a Deferred firing with a mapping from recipient address to
+            ``None`` (delivered) or a ``mailsvc.errors.DeliveryError`` (its
+            ``permanent`` says whether to retry). It never errbacks for a
+            per-recipient failure.
+        """

@@ -1,0 +1,242 @@
+"""Twisted glue for the SMTP server: transports, timeouts, connection limits.
+
+Thin by design: bytes go to ``mailsvc.smtp.server.ServerConnection``, its
+events go to ``mailsvc.receiver.ReceivingSession``, and the answers go back
+to the machine. While a decision is pending the transport is paused, so a
+slow policy never reorders pipelined replies (rfc2920 3.1) and input does not
+pile up in memory.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailsvc.policy import SessionInfo
+from mailsvc.receiver import ReceiverContext, ReceivingSession
+from mailsvc.smtp import events as ev
+from mailsvc.smtp.replies import Reply
+from mailsvc.smtp.server import ServerConnection, ServerSettings
+
+log = Logger(namespace="mailsvc.protocol")
+
+TOO_MANY_CONNECTIONS = Reply.of(421, "4.7.0", "Too many connections; try again later")
+SHUTTING_DOWN = Reply.of(421, "4.3.2", "Service shutting down; try again later")
+TIMEOUT = Reply.of(421, "4.4.2", "Timeout exceeded; closing connection")
+LOCAL_ERROR = Reply.of(451, "4.3.0", "Local error in processing; try again later")
+
+_HANDLERS = {
+    ev.Hello: "on_hello",
+    ev.MailFrom: "on_mail",
+    ev.RcptTo: "on_rcpt",
+    ev.DataCommand: "on_data_command",
+    ev.DataChunk: "on_data_chunk",
+    ev.DataEnd: "on_data_end",
+    ev.DataRefused: "on_data_refused",
+    ev.Reset: "on_reset",
+    ev.Verify: "on_verify",
+    ev.Expand: "on_expand",
+    ev.Turn: "on_turn",
+}
+
+
+class SMTPServerProtocol(Protocol):
+    """One SMTP server connection."""
+
+    def __init__(self, factory: "SMTPServerFactory") -> None:
+        self.factory = factory
+        self.machine = ServerConnection(factory.server_settings)
+        self.session: ReceivingSession | None = None
+        self._timer = None
+        self._busy = False  # inside _pump, or waiting for a Deferred answer
+        self._gone = False
+
+    # ---------------------------------------------------------- Protocol
+
+    def connectionMade(self) -> None:
+        peer, host = self.transport.getPeer(), self.transport.getHost()
+        info = SessionInfo(
+            client_address=getattr(peer, "host", ""),
+            client_port=getattr(peer, "port", 0),
+            server_address=getattr(host, "host", ""),
+        )
+        log.info("connect from [{client}]:{port}", client=info.client_address, port=info.client_port)
+        if not self.factory.admit(self):
+            self.machine.start(TOO_MANY_CONNECTIONS)
+            self._flush()
+            return
+        self.session = ReceivingSession(self.factory.context, info)
+        self._busy = True
+        self.transport.pauseProducing()
+        d = defer.maybeDeferred(self.session.on_connect)
+        d.addCallbacks(self._greet, self._greet_failed)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.session is None or self._gone:
+            return
+        self.machine.receive_data(data)
+        if not self._busy:
+            self._pump()
+        self._restart_timer()  # after the pump: it may have entered or left DATA
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self._gone = True
+        self._cancel_timer()
+        self.factory.release(self)
+        if self.session is not None:
+            self.session.abort()
+        log.info("disconnect from [{client}]", client=getattr(self.transport.getPeer(), "host", ""))
+
+    # ---------------------------------------------------------- control
+
+    def shutdown(self) -> None:
+        """The server is stopping: 421 4.3.2 and close (rfc5321 3.8)."""
+        self._close_with(SHUTTING_DOWN)
+
+    def _close_with(self, reply: Reply) -> None:
+        if self._gone:
+            return
+        self.machine.close(reply)
+        if self.session is not None:
+            self.session.abort()
+        self._flush()
+
+    def _greet(self, refusal) -> None:
+        if self._gone:
+            return
+        self.machine.start(refusal)
+        self._busy = False
+        self.transport.resumeProducing()
+        self._restart_timer()
+        self._pump()
+
+    def _greet_failed(self, failure: Failure) -> None:
+        log.failure("connect policy failed", failure)
+        self._greet(Reply.of(421, "4.3.0", "Local error; try again later"))
+
+    # ---------------------------------------------------------- the pump
+
+    def _pump(self) -> None:
+        """Hand events to the session until input runs out or an answer is awaited."""
+        self._busy = True
+        try:
+            while not self._gone:
+                event = self.machine.next_event()
+                if event is None:
+                    break
+                result = self._dispatch(event)
+                if not event.needs_reply:
+                    continue
+                d = defer.maybeDeferred(lambda r=result: r)
+                answered: list = []
+                d.addBoth(answered.append)
+                if not answered:
+                    # A slow answer: stop reading until it comes (rfc2920 3.1).
+                    self.transport.pauseProducing()
+                    d.addCallback(lambda _, e=event: self._answered(e, answered[0]))
+                    self._flush()
+                    return
+                self._answer(event, answered[0])
+        finally:
+            if self.machine.waiting is None:
+                self._busy = False
+        self._flush()
+
+    def _answered(self, event: ev.Event, result) -> None:
+        if self._gone:
+            return
+        self._answer(event, result)
+        self.transport.resumeProducing()
+        self._pump()
+
+    def _dispatch(self, event: ev.Event):
+        if isinstance(event, ev.Quit):
+            return None
+        handler = getattr(self.session, _HANDLERS[type(event)])
+        try:
+            return handler(event)
+        except Exception:
+            return Failure()
+
+    def _answer(self, event: ev.Event, result) -> None:
+        if isinstance(result, Failure):
+            log.failure("error answering {event}", result, event=type(event).__name__)
+            result = LOCAL_ERROR
+        if self.machine.waiting is None:
+            return  # the session was closed meanwhile
+        if result is None:
+            self.machine.accept()
+        else:
+            self.machine.reply(result)
+
+    def _flush(self) -> None:
+        out = self.machine.data_to_send()
+        if out and not self._gone:
+            self.transport.write(out)
+        if self.machine.closed and not self._gone:
+            self._cancel_timer()
+            self.transport.loseConnection()
+
+    # ---------------------------------------------------------- timeouts
+
+    def _restart_timer(self) -> None:
+        """rfc5321 4.5.3.2.7 (commands) and 4.5.3.2.5 (data blocks)."""
+        self._cancel_timer()
+        if self._gone or self.machine.closed:
+            return
+        settings = self.factory
+        seconds = settings.data_timeout if self.machine.in_data else settings.command_timeout
+        if seconds:
+            self._timer = settings.clock.callLater(seconds, self._timed_out)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        log.info("timeout, closing [{client}]", client=getattr(self.transport.getPeer(), "host", ""))
+        self._close_with(TIMEOUT)
+
+
+class SMTPServerFactory(Factory):
+    """Makes ``SMTPServerProtocol``s; counts and caps connections."""
+
+    def __init__(
+        self,
+        context: ReceiverContext,
+        server_settings: ServerSettings,
+        clock,
+        max_connections: int = 100,
+        command_timeout: float = 300,
+        data_timeout: float = 180,
+    ) -> None:
+        self.context = context
+        self.server_settings = server_settings
+        self.clock = clock
+        self.max_connections = max_connections
+        self.command_timeout = command_timeout
+        self.data_timeout = data_timeout
+        self.connections: set[SMTPServerProtocol] = set()
+
+    def buildProtocol(self, addr) -> SMTPServerProtocol:
+        return SMTPServerProtocol(self)
+
+    def admit(self, protocol: SMTPServerProtocol) -> bool:
+        """Count a new connection in, unless the cap is reached."""
+        if self.max_connections and len(self.connections) >= self.max_connections:
+            return False
+        self.connections.add(protocol)
+        return True
+
+    def release(self, protocol: SMTPServerProtocol) -> None:
+        """A connection ended."""
+        self.connections.discard(protocol)
+
+    def shutdown(self) -> None:
+        """Tell every connected client we are going away (421 4.3.2)."""
+        for protocol in list(self.connections):
+            protocol.shutdown()

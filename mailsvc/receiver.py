@@ -1,0 +1,317 @@
+"""What the receiver decides: the answers to the server machine's decisions.
+
+One ``ReceivingSession`` per connection. It asks the recipient directory,
+the relay rule and the policy plugins, streams message data into a spool
+writer and commits it at end of data. It knows nothing of transports: the
+Twisted glue (``mailsvc.protocol``) feeds it events and writes its replies.
+
+Each ``on_*`` method answers one decision: ``None`` means the machine's
+usual positive reply, a ``Reply`` is sent as is; either may come in a
+Deferred.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from email.utils import format_datetime
+from datetime import datetime, timezone
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from mailsvc.delivery import router
+from mailsvc.envelope import Envelope, LocalMailbox, Recipient
+from mailsvc.errors import SpoolError
+from mailsvc.policy import SessionInfo, ask
+from mailsvc.smtp import events as ev
+from mailsvc.smtp.address import AddressError, check_mailbox
+from mailsvc.smtp.replies import Reply
+
+log = Logger(namespace="mailsvc.receiver")
+
+
+@dataclass(frozen=True)
+class ReceiverSettings:
+    """The parts of the config the receiver acts on."""
+
+    hostname: str
+    vrfy: str = "directory"  # "directory" | "always-252" | "off"
+    expn: bool = False
+    trusted_networks: tuple = ()
+    default_domain: str = ""  # the domain VRFY/EXPN add to a bare user name
+
+
+@dataclass
+class ReceiverContext:
+    """What every session shares: settings, directory, policies, spool, runner."""
+
+    settings: ReceiverSettings
+    directory: object  # IRecipientDirectory
+    spool: object  # ISpool
+    submit: Callable  # QueueRunner.submit: called with each committed QueuedMessage
+    run_blocking: Callable  # run_blocking(f, *args) -> Deferred (a thread pool in production)
+    policies: Sequence = ()
+    now: Callable[[], float] = time.time
+
+    def is_trusted(self, address: str) -> bool:
+        """Whether a client address is in a trusted network (may relay)."""
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.settings.trusted_networks)
+
+
+@dataclass
+class _Transaction:
+    sender: str = ""
+    parameters: dict = field(default_factory=dict)
+    recipients: list[Recipient] = field(default_factory=list)
+    writer: object = None  # IMessageWriter while DATA is being received
+    write_error: SpoolError | None = None
+
+
+class ReceivingSession:
+    """The receiving side of one SMTP connection."""
+
+    def __init__(self, context: ReceiverContext, info: SessionInfo) -> None:
+        self.context = context
+        self.info = info
+        info.trusted = context.is_trusted(info.client_address)
+        self._txn = _Transaction()
+
+    # ---------------------------------------------------------- connection
+
+    def on_connect(self):
+        """Policy connect hook; a refusal replaces the greeting."""
+        return ask(self.context.policies, "connect", self.info).addCallback(_refusal)
+
+    def on_hello(self, event: ev.Hello):
+        """HELO/EHLO: ask the policies; an accepted one starts afresh."""
+
+        def answered(verdict):
+            if verdict.reply is None:
+                self.info.helo, self.info.extended = event.name, event.extended
+                self._clear()
+            return verdict.reply
+
+        return ask(self.context.policies, "helo", self.info, event.name).addCallback(answered)
+
+    # ---------------------------------------------------------- transaction
+
+    def on_mail(self, event: ev.MailFrom):
+        """MAIL FROM: ask the policies, then remember the sender."""
+
+        def answered(verdict):
+            if verdict.reply is None:
+                self._clear()
+                self._txn.sender = event.sender
+                self._txn.parameters = dict(event.parameters)
+            return verdict.reply
+
+        return ask(self.context.policies, "mail", self.info, event.sender, event.parameters).addCallback(answered)
+
+    @defer.inlineCallbacks
+    def on_rcpt(self, event: ev.RcptTo):
+        """RCPT TO: a local recipient, a relay by a trusted client, or a refusal."""
+        address = event.recipient
+        local, at, domain = address.rpartition("@")
+        if not at:  # bare <Postmaster>, rfc5321 4.1.1.3: always ours
+            address, domain = "postmaster", ""
+        domain = domain.lower().rstrip(".")
+        recipients: list[Recipient]
+        if not domain or (yield defer.maybeDeferred(self.context.directory.isLocalDomain, domain)):
+            mailboxes = yield defer.maybeDeferred(self.context.directory.resolve, address)
+            if not mailboxes:
+                return Reply.of(550, "5.1.1", f"<{event.recipient}>: no such user here")
+            recipients = [
+                Recipient(address=m.address, original=event.recipient, mailbox=m.mailbox) for m in mailboxes
+            ]
+        elif self.info.trusted:
+            recipients = [Recipient(address=address, original=event.recipient)]
+        else:
+            # DESIGN rule 4: no open relay.
+            return Reply.of(550, "5.7.1", f"<{event.recipient}>: relay access denied")
+        verdict = yield ask(self.context.policies, "rcpt", self.info, event.recipient, event.parameters)
+        if verdict.reply is not None:
+            return verdict.reply
+        known = {r.address.lower() for r in self._txn.recipients}
+        for recipient in recipients:  # one copy per mailbox (duplicate elimination)
+            if recipient.address.lower() not in known:
+                known.add(recipient.address.lower())
+                self._txn.recipients.append(recipient)
+        return None
+
+    def on_data_command(self, event: ev.DataCommand):
+        """DATA: open a spool writer for the message; 451 if the spool cannot."""
+        try:
+            self._txn.writer = self.context.spool.newMessage()
+        except SpoolError as error:
+            log.error("spool unavailable: {error}", error=error)
+            return _spool_reply(error)
+        self._txn.write_error = None
+        return None
+
+    def on_data_chunk(self, event: ev.DataChunk) -> None:
+        """Message bytes: straight to the spool file, never held whole."""
+        txn = self._txn
+        if txn.writer is None or txn.write_error is not None:
+            return
+        try:
+            txn.writer.write(event.data)
+        except SpoolError as error:
+            txn.write_error = error
+
+    @defer.inlineCallbacks
+    def on_data_end(self, event: ev.DataEnd):
+        """End of data: policies, then commit, then (only then) 250."""
+        txn, self._txn = self._txn, _Transaction()
+        writer = txn.writer
+        if txn.write_error is not None:
+            writer.abort()
+            log.error("spool write failed: {error}", error=txn.write_error)
+            return _spool_reply(txn.write_error)
+        envelope = self._envelope(txn, writer.id)
+        verdict = yield ask(self.context.policies, "endOfData", self.info, envelope)
+        if verdict.reply is not None:
+            writer.abort()
+            return verdict.reply
+        envelope = envelope.evolve(prepend_headers=envelope.prepend_headers + verdict.headers)
+        try:
+            queued = yield self.context.run_blocking(writer.commit, envelope, router.routes(envelope.recipients))
+        except SpoolError as error:
+            log.error("spool commit failed for {id}: {error}", id=writer.id, error=error)
+            return _spool_reply(error)
+        log.info(
+            "accepted id={id} from=<{sender}> to={to} size={size} client=[{client}]",
+            id=writer.id,
+            sender=envelope.sender,
+            to=",".join(f"<{r.address}>" for r in envelope.recipients),
+            size=event.size,
+            client=self.info.client_address,
+        )
+        for message in queued:
+            self.context.submit(message)
+        # rfc5321 4.1.1.4: 250 only once the message is safely stored (DESIGN rule 1).
+        return Reply.of(250, "2.0.0", f"Ok: queued as {writer.id}")
+
+    def on_data_refused(self, event: ev.DataRefused) -> None:
+        """The machine refused the data: drop what was spooled."""
+        self._clear()
+
+    def on_reset(self, event: ev.Reset) -> None:
+        """RSET: forget the transaction (rfc5321 4.1.1.5)."""
+        self._clear()
+
+    def abort(self) -> None:
+        """The connection is gone: nothing half-received stays in the spool."""
+        self._clear()
+
+    def _clear(self) -> None:
+        if self._txn.writer is not None:
+            self._txn.writer.abort()
+        self._txn = _Transaction()
+
+    def _envelope(self, txn: _Transaction, message_id: str) -> Envelope:
+        now = self.context.now()
+        protocol = "ESMTP" if self.info.extended else "SMTP"
+        return Envelope(
+            sender=txn.sender,
+            recipients=tuple(txn.recipients),
+            parameters=tuple(sorted((k, v or "") for k, v in txn.parameters.items())),
+            helo=self.info.helo,
+            client_address=self.info.client_address,
+            protocol=protocol,
+            received_at=now,
+            prepend_headers=(received_header(self.context.settings.hostname, self.info, protocol, message_id, txn.recipients, now),),
+        )
+
+    # ---------------------------------------------------------- queries
+
+    @defer.inlineCallbacks
+    def on_verify(self, event: ev.Verify):
+        """VRFY (rfc5321 3.5.1): 250 with the mailbox, 550 unknown, 553 bad syntax,
+        or 252 when config says never to tell."""
+        mode = self.context.settings.vrfy
+        if mode == "off":
+            return Reply.of(502, "5.5.1", "VRFY disabled")
+        if mode == "always-252":
+            # rfc5321 3.5.3: 252 when the server will not verify.
+            return Reply.of(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
+        address = yield self._local_address(event.argument)
+        if address is None:
+            return Reply.of(553, "5.1.3", f"Cannot parse {event.argument[:64]!r} as a user or local address")
+        mailboxes = yield defer.maybeDeferred(self.context.directory.resolve, address)
+        if not mailboxes:
+            return Reply.of(550, "5.1.1", f"<{address}>: no such user here")
+        if len(mailboxes) == 1:
+            return Reply.of(250, "2.1.5", _mailbox_text(mailboxes[0]))
+        return Reply.of(250, "2.1.5", f"<{address}>")  # a list: it receives mail
+
+    @defer.inlineCallbacks
+    def on_expand(self, event: ev.Expand):
+        """EXPN (rfc5321 3.5.2): the members of a list, one per line."""
+        if not self.context.settings.expn:
+            return Reply.of(502, "5.5.1", "EXPN disabled")
+        address = yield self._local_address(event.argument)
+        if address is None:
+            return Reply.of(553, "5.1.3", f"Cannot parse {event.argument[:64]!r} as a list name")
+        members = yield defer.maybeDeferred(self.context.directory.expand, address)
+        if not members:
+            return Reply.of(550, "5.1.1", f"<{address}>: not a mailing list")
+        return Reply.of(250, "2.1.5", *(f"<{member}>" for member in members))
+
+    def on_turn(self, event: ev.Turn) -> Reply:
+        """TURN (rfc821 4.1.1): not offered until authenticated turn-around exists."""
+        return Reply.of(502, "5.5.1", "TURN not available")
+
+    @defer.inlineCallbacks
+    def _local_address(self, argument: str):
+        """``user``, ``user@domain`` or ``<user@domain>`` → an address in a
+        local domain (the first local domain for a bare user), or None."""
+        text = argument.strip()
+        if text.startswith("<") and text.endswith(">"):
+            text = text[1:-1]
+        if "@" not in text:
+            domain = self.context.settings.default_domain
+            if not text or not domain:
+                return None
+            text = f"{text}@{domain}"
+        try:
+            check_mailbox(text)
+        except AddressError:
+            return None
+        domain = text.rpartition("@")[2].lower()
+        local = yield defer.maybeDeferred(self.context.directory.isLocalDomain, domain)
+        return text if local else None
+
+
+def received_header(
+    hostname: str, info: SessionInfo, protocol: str, message_id: str, recipients: Sequence[Recipient], now: float
+) -> str:
+    """The ``Received:`` trace line (rfc5321 4.4; ``with`` per rfc3848)."""
+    literal = f"[IPv6:{info.client_address}]" if ":" in info.client_address else f"[{info.client_address}]"
+    parts = [f"Received: from {info.helo or 'unknown'} ({literal})", f"by {hostname} (mailsvc) with {protocol} id {message_id}"]
+    if len(recipients) == 1:
+        # rfc5321 4.4: "for" names a single recipient only, to keep lists private.
+        parts.append(f"for <{recipients[0].original or recipients[0].address}>")
+    date = format_datetime(datetime.fromtimestamp(now, timezone.utc))
+    return " ".join(parts) + f"; {date}"
+
+
+def _mailbox_text(mailbox: LocalMailbox) -> str:
+    return f"{mailbox.full_name} <{mailbox.address}>" if mailbox.full_name else f"<{mailbox.address}>"
+
+
+def _refusal(verdict) -> Reply | None:
+    return verdict.reply
+
+
+def _spool_reply(error: SpoolError) -> Reply:
+    """rfc5321 4.2.3 / rfc3463: 452 4.3.1 for a full disk, 451 4.3.0 otherwise."""
+    if error.temporary_full:
+        return Reply.of(452, "4.3.1", "Insufficient system storage; try again later")
+    return Reply.of(451, "4.3.0", "Local error in processing; try again later")

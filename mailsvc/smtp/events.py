@@ -1,0 +1,113 @@
+"""Events the server machine hands to whoever drives it.
+
+Two kinds. A *decision* (``needs_reply = True``) waits for an answer: the
+machine reads no further input until ``ServerConnection.accept()`` or
+``reply()`` is called, so replies stay in order under PIPELINING (rfc2920
+3.1). A *notice* only tells what happened; the machine has already queued
+its reply, if any.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mailsvc.smtp.replies import Reply
+
+
+class Event:
+    """Base class of every event."""
+
+    needs_reply = False
+
+
+class Decision(Event):
+    """An event that waits for ``accept()`` or ``reply(Reply)``."""
+
+    needs_reply = True
+
+
+@dataclass(frozen=True)
+class Hello(Decision):
+    """HELO (``extended=False``) or EHLO; accepting starts a fresh session state."""
+
+    name: str
+    extended: bool
+
+
+@dataclass(frozen=True)
+class MailFrom(Decision):
+    """MAIL FROM (or SEND/SOML/SAML FROM, rfc821 3.4). ``sender`` is ``""`` for ``<>``.
+
+    ``command`` is the verb used. ``parameters`` are upper-cased keys; SIZE and
+    BODY were already checked by the machine.
+    """
+
+    sender: str
+    parameters: dict = field(hash=False)
+    command: str = "MAIL"
+
+
+@dataclass(frozen=True)
+class RcptTo(Decision):
+    """RCPT TO. ``recipient`` is the mailbox (or bare ``Postmaster``)."""
+
+    recipient: str
+    parameters: dict = field(hash=False)
+
+
+@dataclass(frozen=True)
+class DataCommand(Decision):
+    """DATA with at least one accepted recipient; accepting sends 354."""
+
+
+@dataclass(frozen=True)
+class DataChunk(Event):
+    """Message bytes (unstuffed, CRLF) to append to the message being received."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class DataEnd(Decision):
+    """CRLF.CRLF arrived and the message is acceptable so far; reply with the
+    outcome of storing it (250 queued, or 451/452/552/554)."""
+
+    size: int
+
+
+@dataclass(frozen=True)
+class DataRefused(Event):
+    """The data ended but the machine refused it (too big, bare CR/LF, long
+    line); ``reply`` was sent. Discard what was stored."""
+
+    reply: Reply
+
+
+@dataclass(frozen=True)
+class Reset(Event):
+    """RSET, or a new HELO/EHLO/MAIL state: any transaction is forgotten."""
+
+
+@dataclass(frozen=True)
+class Verify(Decision):
+    """VRFY ``argument`` (rfc5321 3.5.1); no default answer: reply."""
+
+    argument: str
+
+
+@dataclass(frozen=True)
+class Expand(Decision):
+    """EXPN ``argument`` (rfc5321 3.5.2); no default answer: reply."""
+
+    argument: str
+
+
+@dataclass(frozen=True)
+class Turn(Decision):
+    """TURN (rfc821 4.1.1); no default answer: reply."""
+
+
+@dataclass(frozen=True)
+class Quit(Event):
+    """QUIT was answered with 221: close once the reply is written."""
+

@@ -1,0 +1,455 @@
+"""The durable queue on disk, UUCP style: a directory per next hop.
+
+Layout under the spool directory::
+
+    tmp/<id>.D          data being received (not yet committed)
+    <hop>/D.<id>        the message data, exactly the octets received (CRLF)
+    <hop>/C.<id>        its control file (mailsvc.spool.control); the commit point
+    <hop>/C.<id>.tmp    a control file being written
+    corrupt/<hop>.C.<id>  control files recovery could not use, kept for a person
+
+A message routed to several hops has one data file hard-linked into each hop
+directory and one control file per hop, holding that hop's recipients.
+
+rfc5321 6.1: once the server says 250 after the data, it has taken
+responsibility for the message, so ``commit`` returns only when data,
+control and directory entries are fsync'd; a crash at any moment leaves the
+message either committed whole or not at all (``recover`` sweeps the rest).
+
+Everything here is blocking; callers choose the thread. One process owns a
+spool directory.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import itertools
+import logging
+import os
+import pathlib
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+from zope.interface import implementer
+
+from mailsvc.envelope import Envelope, QueuedMessage, Recipient
+from mailsvc.errors import SpoolError
+from mailsvc.interfaces import IMessageWriter, ISpool
+from mailsvc.spool import control
+
+_HOP_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_RESERVED = frozenset({"tmp", "corrupt"})
+_FULL = frozenset(code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if code)
+_BUFFER = 64 * 1024
+
+# ---------------------------------------------------------------- names
+
+_BASE32 = "0123456789abcdefghijklmnopqrstuv"  # base32hex, lower case: sorts as ASCII
+_counter = itertools.count(secrets.randbelow(32**4))
+_counter_lock = threading.Lock()
+
+
+def _base32(number: int, width: int) -> str:
+    digits = []
+    for _ in range(width):
+        number, digit = divmod(number, 32)
+        digits.append(_BASE32[digit])
+    return "".join(reversed(digits))
+
+
+def new_id() -> str:
+    """A fresh queue ID: 20 characters of ``[0-9a-v]``, sortable by time.
+
+    Microseconds since the epoch (11 digits), then a per-process counter
+    (4 digits, starting at random), then 25 random bits (5 digits): unique
+    across restarts and across processes sharing a clock.
+    """
+    with _counter_lock:
+        count = next(_counter) % 32**4
+    return (
+        _base32(time.time_ns() // 1000, 11) + _base32(count, 4) + _base32(secrets.randbits(25), 5)
+    )
+
+
+def check_hop(hop: str) -> str:
+    """Return ``hop`` if it is safe as a directory name; raise ValueError if not.
+
+    A hop name is 1-200 of letters, digits, ``.``, ``_`` and ``-``, starting
+    with a letter or digit, and is not ``tmp`` or ``corrupt``.
+    """
+    if not isinstance(hop, str) or not _HOP_RE.fullmatch(hop) or hop.lower() in _RESERVED:
+        raise ValueError(f"not a usable hop name: {hop!r}")
+    return hop
+
+
+def _check_id(id: str) -> str:
+    if not isinstance(id, str) or not _ID_RE.fullmatch(id):
+        raise ValueError(f"not a queue id: {id!r}")
+    return id
+
+
+# ---------------------------------------------------------------- file helpers
+
+
+def _spool_error(text: str, error: OSError) -> SpoolError:
+    return SpoolError(f"{text}: {error}", temporary_full=error.errno in _FULL)
+
+
+def _fsync_dir(path: pathlib.Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: pathlib.Path, data: bytes) -> None:
+    """Write ``data`` to a new file at ``path`` and fsync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: pathlib.Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+class _PrefixedReader(io.RawIOBase):
+    """Reads ``head`` then the whole of ``file``, without copying ``file``."""
+
+    def __init__(self, head: bytes, file: io.RawIOBase) -> None:
+        super().__init__()
+        self._head = io.BytesIO(head)
+        self._file = file
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        count = self._head.readinto(buffer)
+        if count:
+            return count
+        return self._file.readinto(buffer)
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                self._file.close()
+            finally:
+                super().close()
+
+
+# ---------------------------------------------------------------- writer
+
+
+@implementer(IMessageWriter)
+class SpoolWriter:
+    """A message being received: streams its data to ``tmp/<id>.D``.
+
+    Made by ``FileSpool.newMessage``; the data never sits whole in memory.
+    """
+
+    def __init__(self, spool: FileSpool, id: str) -> None:
+        self.id = id
+        self.size = 0
+        self._spool = spool
+        self._path = spool.directory / "tmp" / f"{id}.D"
+        self._done = False
+        fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self._file = open(fd, "wb", buffering=_BUFFER)
+
+    def write(self, data: bytes) -> None:
+        """Append ``data``. :raise SpoolError: it could not be written."""
+        if self._done:
+            raise ValueError(f"message {self.id} is already committed or aborted")
+        try:
+            self._file.write(data)
+        except OSError as e:
+            raise _spool_error(f"cannot write message {self.id}", e) from e
+        self.size += memoryview(data).nbytes
+
+    def commit(
+        self, envelope: Envelope, routes: Mapping[str, Sequence[Recipient]]
+    ) -> list[QueuedMessage]:
+        """Make the message durable under every hop of ``routes``.
+
+        Hops with no recipient are skipped. An ``envelope`` without
+        ``received_at`` gets the current time. :raise SpoolError: nothing
+        was committed and nothing is left behind.
+        """
+        if self._done:
+            raise ValueError(f"message {self.id} is already committed or aborted")
+        hops = [(check_hop(hop), tuple(rcpts)) for hop, rcpts in routes.items() if rcpts]
+        if not hops:
+            raise ValueError(f"message {self.id} has no recipient to commit")
+        if not envelope.received_at:
+            envelope = envelope.evolve(received_at=time.time())
+        messages = [
+            QueuedMessage(hop=hop, id=self.id, envelope=envelope.evolve(recipients=rcpts))
+            for hop, rcpts in hops
+        ]
+        written: list[pathlib.Path] = []  # removed in reverse order on failure
+        try:
+            self._commit(messages, written)
+        except OSError as e:
+            self._undo(written)
+            raise _spool_error(f"cannot commit message {self.id}", e) from e
+        except BaseException:
+            self._undo(written)
+            raise
+        finally:
+            self._done = True
+            self._spool._active.discard(self.id)
+        return messages
+
+    def _commit(self, messages: list[QueuedMessage], written: list[pathlib.Path]) -> None:
+        spool = self._spool
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        dirs = [spool._hop_dir(m.hop, create=True) for m in messages]
+        controls = []
+        for message, hop_dir in zip(messages, dirs):
+            temp = hop_dir / f"C.{self.id}.tmp"
+            written.append(temp)
+            _write_file(temp, control.dump(message))
+            controls.append((temp, hop_dir / f"C.{self.id}"))
+        first = dirs[0] / f"D.{self.id}"
+        written.append(first)
+        os.rename(self._path, first)
+        for hop_dir in dirs[1:]:
+            written.append(hop_dir / f"D.{self.id}")
+            os.link(first, written[-1])
+        # The data's directory entries are durable before any C. appears:
+        # a C. is the commit point and must never name missing data.
+        _fsync_dir(spool.directory / "tmp")
+        for hop_dir in dirs:
+            _fsync_dir(hop_dir)
+        for temp, final in controls:
+            written.append(final)
+            os.rename(temp, final)
+        for hop_dir in dirs:
+            _fsync_dir(hop_dir)
+
+    def _undo(self, written: list[pathlib.Path]) -> None:
+        try:
+            self._file.close()
+        except OSError:
+            pass
+        for path in [*reversed(written), self._path]:
+            _unlink_quietly(path)
+        for path in {p.parent for p in written} | {self._path.parent}:
+            try:
+                _fsync_dir(path)
+            except OSError:
+                pass
+
+    def abort(self) -> None:
+        """Remove what was written. Safe to call twice, or after commit (no-op)."""
+        if self._done:
+            return
+        self._done = True
+        self._spool._active.discard(self.id)
+        try:
+            self._file.close()
+        except OSError:
+            pass
+        _unlink_quietly(self._path)
+
+
+# ---------------------------------------------------------------- spool
+
+
+@implementer(ISpool)
+class FileSpool:
+    """The UUCP-style spool in ``directory`` (created if missing).
+
+    ``log`` receives one ``str`` per problem found in the spool (corrupt
+    control files); by default they go to the stdlib logger of this module.
+    """
+
+    def __init__(self, directory: pathlib.Path, log: Callable[[str], None] | None = None) -> None:
+        self.directory = pathlib.Path(directory)
+        self._log = log or logging.getLogger(__name__).warning
+        self._active: set[str] = set()  # ids being written or committed
+        (self.directory / "tmp").mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    # -------------------------------------------------------- receiving
+
+    def newMessage(self) -> SpoolWriter:
+        """Begin a message. :raise SpoolError: its temp file cannot be made."""
+        while True:
+            id = new_id()
+            self._active.add(id)
+            try:
+                return SpoolWriter(self, id)
+            except FileExistsError:
+                self._active.discard(id)
+            except OSError as e:
+                self._active.discard(id)
+                raise _spool_error("cannot start a message", e) from e
+
+    # -------------------------------------------------------- reading
+
+    def recover(self) -> list[QueuedMessage]:
+        """Clean up after a crash; return every committed message, oldest first.
+
+        Removes temporary files and data files without a control file (the
+        crash came before the commit point). A control file without data,
+        or one that cannot be read, is logged and moved to ``corrupt/``.
+        Files of messages being received now by this spool are left alone.
+        """
+        active = set(self._active)
+        touched: set[pathlib.Path] = set()
+        temp_dir = self.directory / "tmp"
+        for entry in os.scandir(temp_dir):
+            if entry.name.partition(".")[0] not in active:
+                _unlink_quietly(pathlib.Path(entry.path))
+                touched.add(temp_dir)
+        messages = []
+        for hop, hop_dir in self._hop_dirs():
+            controls, datas, temps = self._listing(hop_dir)
+            for name in temps:
+                if name[2:].partition(".")[0] not in active:
+                    _unlink_quietly(hop_dir / name)
+                    touched.add(hop_dir)
+            for id in datas - controls - active:
+                _unlink_quietly(hop_dir / f"D.{id}")
+                touched.add(hop_dir)
+            for id in sorted(controls):
+                if id not in datas:
+                    self._log(f"spool: {hop}/C.{id} has no data file D.{id}; moved to corrupt/")
+                    self._move_aside(hop, f"C.{id}")
+                    continue
+                try:
+                    messages.append(self._load(hop, id))
+                except FileNotFoundError:
+                    continue
+                except ValueError as e:
+                    self._log(f"spool: {e}; moved to corrupt/ with its data")
+                    self._move_aside(hop, f"C.{id}")
+                    self._move_aside(hop, f"D.{id}")
+        for path in touched:
+            _fsync_dir(path)
+        return sorted(messages, key=lambda m: (m.id, m.hop))
+
+    def queued(self) -> list[QueuedMessage]:
+        """Every committed message, oldest first; changes nothing.
+
+        Unreadable control files are logged and skipped.
+        """
+        messages = []
+        for hop, hop_dir in self._hop_dirs():
+            controls, datas, _ = self._listing(hop_dir)
+            for id in sorted(controls & datas):
+                try:
+                    messages.append(self._load(hop, id))
+                except FileNotFoundError:
+                    continue  # removed while we looked
+                except ValueError as e:
+                    self._log(f"spool: {e}")
+        return sorted(messages, key=lambda m: (m.id, m.hop))
+
+    def open(self, message: QueuedMessage) -> io.BufferedReader:
+        """A binary file reading the prepend headers then the data (streamed).
+
+        :raise OSError: the data file cannot be opened.
+        """
+        path = self._hop_dir(message.hop) / f"D.{_check_id(message.id)}"
+        headers = message.envelope.prepend_headers
+        head = ("\r\n".join(headers) + "\r\n").encode("utf-8", "surrogateescape") if headers else b""
+        data = open(path, "rb", buffering=0)
+        return io.BufferedReader(_PrefixedReader(head, data), buffer_size=_BUFFER)
+
+    # -------------------------------------------------------- changing
+
+    def update(self, message: QueuedMessage) -> None:
+        """Atomically replace the control file of ``message``.
+
+        :raise SpoolError: it could not be written, or the message is no
+            longer in the spool.
+        """
+        hop_dir = self._hop_dir(message.hop)
+        final = hop_dir / f"C.{_check_id(message.id)}"
+        temp = hop_dir / f"C.{message.id}.tmp"
+        if not final.exists():
+            raise SpoolError(f"{message.hop}/C.{message.id} is not in the spool")
+        try:
+            _write_file(temp, control.dump(message))
+            os.rename(temp, final)
+            _fsync_dir(hop_dir)
+        except OSError as e:
+            _unlink_quietly(temp)
+            raise _spool_error(f"cannot update {message.hop}/C.{message.id}", e) from e
+
+    def remove(self, message: QueuedMessage) -> None:
+        """Remove ``message``: its control file first, then its data."""
+        hop_dir = self._hop_dir(message.hop)
+        id = _check_id(message.id)
+        try:
+            for name in (f"C.{id}", f"D.{id}"):
+                try:
+                    os.unlink(hop_dir / name)
+                except FileNotFoundError:
+                    pass
+            _fsync_dir(hop_dir)
+        except OSError as e:
+            raise _spool_error(f"cannot remove {message.hop}/{id}", e) from e
+
+    # -------------------------------------------------------- helpers
+
+    def _hop_dir(self, hop: str, create: bool = False) -> pathlib.Path:
+        path = self.directory / check_hop(hop)
+        if create and not path.is_dir():
+            path.mkdir(mode=0o700, exist_ok=True)
+            _fsync_dir(self.directory)
+        return path
+
+    def _hop_dirs(self) -> list[tuple[str, pathlib.Path]]:
+        hops = []
+        for entry in os.scandir(self.directory):
+            name = entry.name
+            if name.lower() not in _RESERVED and _HOP_RE.fullmatch(name) and entry.is_dir():
+                hops.append((name, pathlib.Path(entry.path)))
+        return sorted(hops)
+
+    @staticmethod
+    def _listing(hop_dir: pathlib.Path) -> tuple[set[str], set[str], list[str]]:
+        """The ids with a C., the ids with a D., and the names of temp files."""
+        controls, datas, temps = set(), set(), []
+        for name in os.listdir(hop_dir):
+            if name.endswith(".tmp"):
+                temps.append(name)
+            elif name[:2] in ("C.", "D.") and _ID_RE.fullmatch(name[2:]):
+                (controls if name[0] == "C" else datas).add(name[2:])
+        return controls, datas, temps
+
+    def _load(self, hop: str, id: str) -> QueuedMessage:
+        data = (self.directory / hop / f"C.{id}").read_bytes()
+        return control.load(data, hop, id)
+
+    def _move_aside(self, hop: str, name: str) -> None:
+        corrupt = self.directory / "corrupt"
+        corrupt.mkdir(mode=0o700, exist_ok=True)
+        target = corrupt / f"{hop}.{name}"
+        if target.exists():
+            target = corrupt / f"{hop}.{name}.{time.time_ns()}"
+        try:
+            os.rename(self.directory / hop / name, target)
+        except FileNotFoundError:
+            return
+        _fsync_dir(corrupt)
+        _fsync_dir(self.directory / hop)

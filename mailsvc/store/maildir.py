@@ -1,0 +1,176 @@
+"""Maildir mailboxes: one file per message, no locks.
+
+The layout and the delivery protocol follow https://cr.yp.to/proto/maildir.html:
+a mailbox is ``<path>/<mailbox>/`` with ``tmp/``, ``new/`` and ``cur/``; a
+message is written under a unique name in ``tmp/``, flushed to disk, then
+linked into ``new/``, where readers (POP3, mail clients) find it. Files use LF
+line ends, as Postfix local(8) writes them.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import socket
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import BinaryIO
+
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from mailsvc.errors import PermanentDeliveryError
+from mailsvc.interfaces import IMailboxStore, IMailboxStoreFactory
+from mailsvc.store import (
+    checkMailboxName,
+    deliveryErrorFor,
+    fsyncDirectory,
+    headerBytes,
+    lfChunks,
+    storePath,
+    writeAll,
+)
+
+_SUBDIRS = ("tmp", "new", "cur")
+# Errors of link(2) on file systems without hard links: fall back to rename(2).
+_NO_LINK_ERRNOS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK})
+
+_counter = itertools.count(1)
+_counterLock = threading.Lock()
+
+
+def escapeHostname(hostname: str) -> str:
+    """The host name as the last part of a Maildir file name.
+
+    ``/`` and ``:`` cannot appear in it (``:`` starts the info part of names
+    in ``cur/``), so they are written as ``\\057`` and ``\\072``.
+    """
+    return hostname.replace("/", "\\057").replace(":", "\\072")
+
+
+def uniqueName(hostname: str, now: float | None = None) -> str:
+    """A new unique Maildir file name: ``<sec>.M<usec>P<pid>Q<n>.<host>``.
+
+    Seconds and microseconds of the time, the process id and a counter
+    private to this process make the name unique on this host even for many
+    deliveries in the same microsecond, from many threads.
+    """
+    if now is None:
+        now = time.time()
+    seconds = int(now)
+    usec = int((now - seconds) * 1_000_000)
+    with _counterLock:
+        n = next(_counter)
+    return f"{seconds}.M{usec}P{os.getpid()}Q{n}.{escapeHostname(hostname)}"
+
+
+@implementer(IMailboxStore)
+class MaildirStore:
+    """Maildir mailboxes under the directory ``path``, one per user.
+
+    ``hostname`` goes in the unique file names (default: this host's name).
+    """
+
+    def __init__(self, path: str, hostname: str | None = None) -> None:
+        self.path = path
+        self.hostname = hostname if hostname is not None else socket.gethostname()
+
+    def exists(self, mailbox: str) -> bool:
+        """Whether the Maildir of ``mailbox`` has been created."""
+        try:
+            checkMailboxName(mailbox)
+        except PermanentDeliveryError:
+            return False
+        return os.path.isdir(os.path.join(self.path, mailbox, "new"))
+
+    def deliver(self, mailbox: str, headers: Sequence[str], source: BinaryIO) -> str:
+        """Write one message into ``mailbox``'s ``new/``; return its path.
+
+        ``headers`` come first, then ``source`` with CRLF turned into LF.
+        The file is fsync'd, linked into ``new/``, and ``new/`` is fsync'd
+        before this returns. On failure nothing stays in ``tmp/`` or ``new/``.
+        """
+        checkMailboxName(mailbox)
+        head = headerBytes(headers)
+        maildir = os.path.join(self.path, mailbox)
+        try:
+            self._create(maildir)
+        except OSError as e:
+            raise deliveryErrorFor(e, f"cannot create maildir {maildir}") from e
+        name = uniqueName(self.hostname)
+        tmpPath = os.path.join(maildir, "tmp", name)
+        newPath = os.path.join(maildir, "new", name)
+        created = linked = False
+        try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(tmpPath, flags, 0o600)
+            created = True
+            try:
+                writeAll(fd, head)
+                for chunk in lfChunks(source):
+                    writeAll(fd, chunk)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._link(tmpPath, newPath)
+            linked = True
+            fsyncDirectory(os.path.join(maildir, "new"))
+        except BaseException as e:
+            if linked:
+                _removeQuietly(newPath)
+            if isinstance(e, OSError):
+                raise deliveryErrorFor(e, f"cannot deliver to {maildir}") from e
+            raise
+        finally:
+            if created:
+                _removeQuietly(tmpPath)
+        return newPath
+
+    def _create(self, maildir: str) -> None:
+        """Make ``maildir`` and its ``tmp/ new/ cur/`` (mode 0700) if missing."""
+        if all(os.path.isdir(os.path.join(maildir, sub)) for sub in _SUBDIRS):
+            return
+        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        for directory in (maildir,) + tuple(os.path.join(maildir, sub) for sub in _SUBDIRS):
+            try:
+                os.mkdir(directory, 0o700)
+            except FileExistsError:
+                pass
+        # The new directories must survive a crash as much as the message.
+        fsyncDirectory(maildir)
+        fsyncDirectory(self.path)
+
+    @staticmethod
+    def _link(tmpPath: str, newPath: str) -> None:
+        """Give the message its name in ``new/``, never replacing a file there."""
+        try:
+            os.link(tmpPath, newPath)
+        except OSError as e:
+            if e.errno not in _NO_LINK_ERRNOS or os.path.lexists(newPath):
+                raise
+            os.rename(tmpPath, newPath)
+
+
+def _removeQuietly(path: str) -> None:
+    """Remove ``path``; it may be gone already."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+@implementer(IPlugin, IMailboxStoreFactory)
+class MaildirStoreFactory:
+    """The ``maildir`` store plugin. Options: ``path`` (absolute)."""
+
+    name = "maildir"
+    description = "Maildir mailboxes: <path>/<user>/{tmp,new,cur}, one file per message"
+
+    def makeStore(self, options: Mapping[str, object]) -> MaildirStore:
+        """A ``MaildirStore`` for the ``[store]`` options.
+
+        :raise mailsvc.errors.ConfigError: unknown option or bad ``path``.
+        """
+        return MaildirStore(storePath(options, self.name, frozenset({"path"})))
