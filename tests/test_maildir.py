@@ -195,19 +195,6 @@ def test_sourceErrorLeavesNothing(store):
     assert listing(store, "alice", "new") == []
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permissions")
-def test_permissionDeniedIsTemporary(tmp_path):
-    """A store directory we cannot write gives 4.3.0 (fixable, so retry)."""
-    base = tmp_path / "mail"
-    base.mkdir(mode=0o500)
-    try:
-        with pytest.raises(TemporaryDeliveryError) as caught:
-            MaildirStore(str(base)).deliver("alice", HEADERS, io.BytesIO(WIRE))
-        assert caught.value.status == "4.3.0"
-    finally:
-        base.chmod(0o700)
-
-
 def test_unwritableMaildirIsTemporary(store, monkeypatch):
     """EACCES creating the tmp file is 4.3.0, not a permanent failure."""
     store.deliver("alice", HEADERS, io.BytesIO(WIRE))
