@@ -102,6 +102,7 @@ def build(cfg: configuration.Config, reactor) -> service.MultiService:
         RetrySchedule(first=delivery.retry_first, maximum=delivery.retry_max, give_up_after=delivery.give_up_after),
         scan_interval=delivery.scan_interval,
         concurrency=delivery.concurrency,
+        run_blocking=run_blocking,  # spool updates fsync: keep them off the reactor thread
     )
     smtp = cfg.smtp
     context = ReceiverContext(

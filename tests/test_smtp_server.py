@@ -435,3 +435,30 @@ def test_bare_cr_in_command_is_refused():
     d.conn.data_to_send()
     assert d.feed(b"NOOP\rQUIT\r\n").startswith("500 5.5.2 Bare CR or LF")
     assert not d.conn.closed
+
+
+# ------------------------------------------------------------------ fuzzing
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_WORDS = [b"EHLO x", b"HELO x", b"MAIL FROM:<a@b.c>", b"RCPT TO:<d@e.f>", b"DATA", b".", b"RSET", b"NOOP", b"QUIT",
+          b"VRFY a", b"EXPN a", b"HELP", b"TURN", b"SEND FROM:<>", b"MAIL FROM:<> SIZE=5", b"..", b"\r", b"\n", b"\x00"]
+_pieces = st.lists(st.one_of(st.sampled_from(_WORDS).map(lambda w: w + b"\r\n"), st.sampled_from(_WORDS), st.binary(max_size=40)), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_pieces, st.integers(min_value=1, max_value=64))
+def test_any_input_gets_well_formed_replies_and_never_raises(pieces, write_size):
+    """Random commands and bytes, written in random sizes: the machine never raises and
+    every line it writes is a 3-digit code, a space or hyphen, and text, CRLF-ended."""
+    d = Driver()
+    stream = b"".join(pieces)
+    out = d.conn.data_to_send()
+    for start in range(0, len(stream), write_size):
+        d.conn.receive_data(stream[start : start + write_size])
+        d.run()
+        out += d.conn.data_to_send()
+    assert out.endswith(b"\r\n")
+    for line in out.split(b"\r\n")[:-1]:
+        assert line[:3].isdigit() and line[3:4] in (b" ", b"-"), line
+        assert b"\r" not in line and b"\n" not in line
