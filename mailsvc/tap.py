@@ -93,7 +93,8 @@ def build(cfg: configuration.Config, reactor) -> service.MultiService:
     def run_blocking(f, *args):
         return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
 
-    spool = FileSpool(cfg.server.spool_dir)
+    spool_log = Logger(namespace="mailsvc.spool")
+    spool = FileSpool(cfg.server.spool_dir, log=lambda text: spool_log.warn("{text}", text=text))
     delivery = cfg.delivery
     runner = QueueRunner(
         spool,

@@ -11,7 +11,7 @@ from zope.interface.verify import verifyObject
 from mailsvc.delivery.local import LocalDeliveryAgent
 from mailsvc.delivery.runner import QueueRunner
 from mailsvc.envelope import Envelope, Recipient, RecipientState
-from mailsvc.errors import DeliveryError, PermanentDeliveryError, TemporaryDeliveryError
+from mailsvc.errors import PermanentDeliveryError, TemporaryDeliveryError
 from mailsvc.interfaces import IDeliveryAgent, IMailboxStore, IMessageWriter, ISpool
 from mailsvc.spool import FileSpool, RetrySchedule
 
@@ -195,4 +195,3 @@ def test_runner_with_local_agent_end_to_end(tmp_path):
     clock.advance(300)
     assert [call[0] for call in store.calls] == ["bob", "carol", "carol"]
     assert spool.queued() == []
-    assert isinstance(TemporaryDeliveryError("x"), DeliveryError)

@@ -340,3 +340,29 @@ def test_update_failure_is_logged_not_fatal(tmp_path):
     assert any("spool update" in line for line in log_lines(t.events))
     t.clock.advance(600)
     assert len(t.agent.calls) == 1  # no ghost retries of a removed message
+
+
+def test_slow_scan_does_not_redeliver_what_finished_meanwhile(tmp_path):
+    """With spool reads in a thread, a scan that read a message before its
+    delivery finished does not deliver it again from that stale copy."""
+    held = []
+
+    def run_blocking(f, *args):
+        if f == t.spool.queued:  # read now, answer later, like a slow thread
+            d = defer.Deferred()
+            held.append((d, f(*args)))
+            return d
+        return defer.maybeDeferred(f, *args)
+
+    answers = [answer_with(TemporaryDeliveryError("busy")), deliver_all, deliver_all]
+    t = make(tmp_path, lambda m: answers.pop(0)(m), scan_interval=300, run_blocking=run_blocking)
+    t.runner.start()
+    t.runner.submit(commit(t.spool))
+    # At +300 the scan (scheduled first) reads the deferred message, then
+    # the retry timer delivers it and the spool forgets it.
+    t.clock.advance(300)
+    assert len(t.agent.calls) == 2 and t.spool.queued() == []
+    [(d, stale)] = held
+    assert len(stale) == 1
+    d.callback(stale)
+    assert len(t.agent.calls) == 2

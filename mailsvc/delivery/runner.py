@@ -87,6 +87,8 @@ class QueueRunner:
 
         Returns a Deferred that fires once recovery is done.
         """
+        if self._running:
+            raise RuntimeError("the queue runner is already started")
         self._running = True
         d = self._blocking(self._spool.recover)
 

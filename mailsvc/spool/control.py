@@ -33,8 +33,8 @@ from mailsvc.envelope import Envelope, QueuedMessage, Recipient, RecipientState
 VERSION = "1"
 
 _HEX = "0123456789ABCDEF"
-# Printable ASCII but the escape character itself; a line value may hold
-# spaces and "=", a key=value field may not.
+# Written as they are: printable ASCII but "+" (the escape) in every value,
+# plus space and "=" in a line value; a key=value field escapes those two.
 _LITERAL_IN_FIELD = frozenset(chr(c) for c in range(0x21, 0x7F)) - {"+", "="}
 _LITERAL_IN_LINE = _LITERAL_IN_FIELD | {" ", "="}
 _RECIPIENT_KEYS = ("state", "attempts", "next", "address", "original", "mailbox", "error")

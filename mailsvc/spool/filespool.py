@@ -312,7 +312,10 @@ class FileSpool:
         or one that cannot be read, is logged and moved to ``corrupt/``.
         Files of messages being received now by this spool are left alone.
         """
-        active = set(self._active)
+        # A message this spool is receiving or updating stays alone. Commit
+        # makes its C. visible before it leaves _active, so "not active, then
+        # no C." really is a data file without a commit point.
+        active = self._active
         touched: set[pathlib.Path] = set()
         temp_dir = self.directory / "tmp"
         for entry in os.scandir(temp_dir):
@@ -326,11 +329,12 @@ class FileSpool:
                 if name[2:].partition(".")[0] not in active:
                     _unlink_quietly(hop_dir / name)
                     touched.add(hop_dir)
-            for id in datas - controls - active:
-                _unlink_quietly(hop_dir / f"D.{id}")
-                touched.add(hop_dir)
+            for id in datas - controls:
+                if id not in active and not (hop_dir / f"C.{id}").exists():
+                    _unlink_quietly(hop_dir / f"D.{id}")
+                    touched.add(hop_dir)
             for id in sorted(controls):
-                if id not in datas:
+                if id not in datas and not (hop_dir / f"D.{id}").exists():
                     self._log(f"spool: {hop}/C.{id} has no data file D.{id}; moved to corrupt/")
                     self._move_aside(hop, f"C.{id}")
                     continue
@@ -387,6 +391,7 @@ class FileSpool:
         temp = hop_dir / f"C.{message.id}.tmp"
         if not final.exists():
             raise SpoolError(f"{message.hop}/C.{message.id} is not in the spool")
+        self._active.add(message.id)  # recover() leaves the temp file alone
         try:
             _write_file(temp, control.dump(message))
             os.rename(temp, final)
@@ -394,6 +399,8 @@ class FileSpool:
         except OSError as e:
             _unlink_quietly(temp)
             raise _spool_error(f"cannot update {message.hop}/C.{message.id}", e) from e
+        finally:
+            self._active.discard(message.id)
 
     def remove(self, message: QueuedMessage) -> None:
         """Remove ``message``: its control file first, then its data."""
