@@ -347,6 +347,7 @@ class Postfix(Target):
 
     name = "postfix"
     multi_process = True
+    _starting: Path | None = None  # queue dir of an instance being started
     POSTFIX = "/usr/sbin/postfix"
     DAEMONS = "/usr/lib/postfix/sbin"
 
@@ -422,6 +423,7 @@ class Postfix(Target):
         (conf / "master.cf").write_text(MASTER_CF.format(port=port))
         env = {k: v for k, v in os.environ.items() if not k.startswith("MAIL_")}
         env["MAIL_CONFIG"] = str(conf)
+        self._starting = queue
         try:
             r = subprocess.run([self.POSTFIX, "-c", str(conf), "start"], env=env,
                                capture_output=True, timeout=60)
@@ -440,17 +442,27 @@ class Postfix(Target):
         except TargetError as e:
             raise self.failure(str(e)) from None
 
-    def _find_master(self, queue: Path) -> None:
+    def _find_master(self, queue: Path, wait: float = 10) -> None:
         pidfile = queue / "pid" / "master.pid"
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + wait
+        while True:
             try:
-                self.pid = int(pidfile.read_text().split()[0])
-                return
+                pid = int(pidfile.read_text().split()[0])
+                with open(f"/proc/{pid}/comm") as f:
+                    if f.read().strip() == "master":
+                        self.pid = pid
+                        return
             except (OSError, ValueError, IndexError):
-                time.sleep(0.05)
+                pass
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.05)
 
     def stop(self) -> None:
+        if self.pid is None and self._starting is not None:
+            # Interrupted between "postfix start" and reading its pid file.
+            self._find_master(self._starting, wait=0)
+        self._starting = None
         if self.pid is None:
             return
         master, self.pid = self.pid, None
