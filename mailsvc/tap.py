@@ -83,11 +83,13 @@ class GoodbyeService(service.Service):
 
 def build(cfg: configuration.Config, reactor) -> service.MultiService:
     """The whole service tree for ``cfg``, on ``reactor``."""
+    where = cfg.path.name  # config errors name the file, then the key
     store_options = dict(cfg.store.options)
-    store = find_plugin(IMailboxStoreFactory, cfg.store.type, "[store] type").makeStore(store_options)
-    directory = find_plugin(IRecipientDirectoryFactory, cfg.local.directory, "[local] directory").makeDirectory(cfg)
+    store = find_plugin(IMailboxStoreFactory, cfg.store.type, f"{where}: [store] type").makeStore(store_options)
+    directory = find_plugin(IRecipientDirectoryFactory, cfg.local.directory, f"{where}: [local] directory").makeDirectory(cfg)
     policies = [
-        find_plugin(IPolicyFactory, p.name, f"[[policy]] name").makePolicy(dict(p.options)) for p in cfg.policies
+        find_plugin(IPolicyFactory, p.name, f"{where}: [[policy]][{i}] name").makePolicy(dict(p.options))
+        for i, p in enumerate(cfg.policies)
     ]
 
     def run_blocking(f, *args):

@@ -93,3 +93,23 @@ def test_stuffed_dot_at_chunk_start():
     c1, _ = reader.feed(b"a\r\n")
     c2, rest = reader.feed(b"..b\r\n.\r\n")
     assert c1 + c2 == b"a\r\n.b\r\n" and rest == b""
+
+
+def test_longest_legal_line_with_stuffed_dot_split_between_cr_and_lf():
+    """998 text octets starting with '.', stuffed to 999 on the wire, the chunk
+    cut between CR and LF: legal (rfc5321 4.5.3.1.6 counts the text, not the stuffing)."""
+    reader = DataReader()
+    first, _ = reader.feed(b".." + b"x" * 997 + b"\r")
+    second, rest = reader.feed(b"\n.\r\n")
+    assert reader.fault is None and rest == b""
+    assert first + second == b"." + b"x" * 997 + b"\r\n"
+
+
+def test_999_text_octets_split_before_the_crlf_is_too_long():
+    """One octet more than the limit, cut anywhere, is still refused."""
+    for cut in (998, 999, 1000, 1001):
+        reader = DataReader()
+        wire = b"y" * 999 + b"\r\n.\r\n"
+        reader.feed(wire[:cut])
+        reader.feed(wire[cut:])
+        assert reader.fault is DataFault.LINE_TOO_LONG, cut

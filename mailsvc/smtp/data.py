@@ -70,9 +70,21 @@ class DataReader:
         else:
             content = b""
             self._pending = buf
-        if len(self._pending) >= MAX_LINE:
+        if self._partial_length() > MAX_LINE - 2:
             content += self._drop_long_partial()
         return content, None
+
+    def _partial_length(self) -> int:
+        """Text octets of the incomplete last line so far, as rfc5321 4.5.3.1.6
+        counts them: without a stuffed dot and without a CR that may be half
+        of its CRLF."""
+        partial = self._pending
+        length = self._carried + len(partial)
+        if self._line_start and partial.startswith(b"."):
+            length -= 1
+        if partial.endswith(b"\r"):
+            length -= 1
+        return length
 
     def _lines(self, region: bytes, skip: int) -> bytes:
         """Unstuff and check ``region`` (whole lines), drop the virtual prefix."""
@@ -111,6 +123,7 @@ class DataReader:
             self.fault = DataFault.LINE_TOO_LONG
 
     def _check_partial(self, head: bytes) -> None:
+        """``head`` is dropped because its line is already past the limit."""
         if self.fault is None:
             if b"\r" in head or b"\n" in head:
                 self.fault = DataFault.BARE_LINE_END
