@@ -39,6 +39,7 @@ class ServerConfig:
 
     hostname: str = "mail.example.test"
     spool_dir: Path = Path("var/spool")
+    control_socket: Path = Path("var/run/mailsvc.sock")
 
 
 @dataclass(frozen=True)
@@ -264,7 +265,7 @@ def _read(data: dict, path: Path) -> Config:
     def table(name: str, allowed: tuple[str, ...] | None) -> _Table:
         return _Table(fileName, f"[{name}]", data.get(name, {}), allowed)
 
-    server = table("server", ("hostname", "base_dir", "spool_dir"))
+    server = table("server", ("hostname", "base_dir", "spool_dir", "control_socket"))
     base = path.parent.parent
     if "base_dir" in server.data:
         base = server.path("base_dir", ".", base)
@@ -286,7 +287,11 @@ def _readServer(t: _Table, base: Path) -> ServerConfig:
     checked = checkDomain(hostname)
     if checked is None:
         t.fail("hostname", f"not a valid host name: {_show(hostname)}")
-    return ServerConfig(hostname=checked, spool_dir=t.path("spool_dir", "var/spool", base))
+    return ServerConfig(
+        hostname=checked,
+        spool_dir=t.path("spool_dir", "var/spool", base),
+        control_socket=t.path("control_socket", "var/run/mailsvc.sock", base),
+    )
 
 
 def checkEndpoint(description: str) -> str | None:
