@@ -90,6 +90,56 @@ class DeliveryConfig:
     concurrency: int = 20
 
 
+TLS_MODES = ("none", "opportunistic", "required")
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """A fixed next hop: ``[relay] smarthost`` or one ``[[relay.route]]``.
+
+    ``domain`` is the recipient domain it serves (``"*"`` for the smarthost).
+    ``tls``: ``none``, ``opportunistic`` (STARTTLS when offered) or
+    ``required``. ``username``/``password_file``: AUTH to that host.
+    """
+
+    domain: str
+    host: str
+    port: int = 25
+    tls: str = "opportunistic"
+    username: str = ""
+    password_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """``[relay]``: how mail for other domains leaves (rfc5321 5.1, 4.5.3.2, 6.3)."""
+
+    smarthost: RouteConfig | None = None
+    routes: tuple[RouteConfig, ...] = ()
+    resolver: str = ""  # "host:port" of a DNS server; "" = the system's
+    port: int = 25  # the port MX hosts are contacted on
+    helo_name: str = ""  # "" = [server] hostname
+    max_received_headers: int = 100
+    connect_timeout: float = 30
+    greeting_timeout: float = 300
+    mail_timeout: float = 300
+    rcpt_timeout: float = 300
+    data_init_timeout: float = 120
+    data_block_timeout: float = 180
+    data_end_timeout: float = 600
+    max_messages_per_connection: int = 100
+    max_connections_per_destination: int = 5
+    max_connections: int = 50
+    delay_warning_after: float = 14400  # 0 = no delay warnings
+
+    def route_for(self, domain: str) -> RouteConfig | None:
+        """The fixed route for ``domain``: a per-domain route, else the smarthost, else None (MX)."""
+        for route in self.routes:
+            if route.domain == domain:
+                return route
+        return self.smarthost
+
+
 @dataclass(frozen=True)
 class PolicyConfig:
     """One ``[[policy]]`` table: the plugin ``name`` and the other keys as ``options``."""
@@ -110,6 +160,7 @@ class Config:
     store: StoreConfig
     delivery: DeliveryConfig
     policies: tuple[PolicyConfig, ...] = ()
+    relay: RelayConfig = RelayConfig()
 
 
 def load(path: str | os.PathLike) -> Config:
@@ -154,7 +205,7 @@ def checkDomain(name: str) -> str | None:
 
 # ---------------------------------------------------------------- reading
 
-_TABLES = ("server", "smtp", "local", "store", "delivery", "policy")
+_TABLES = ("server", "smtp", "local", "store", "delivery", "policy", "relay")
 _NO_REACTOR = object()  # parsing an endpoint string only stores the reactor
 _DEFAULT_ALIASES = {"postmaster": ["alice"], "team": ["alice", "bob"]}
 
@@ -278,6 +329,7 @@ def _read(data: dict, path: Path) -> Config:
         store=_readStore(table("store", None), base),
         delivery=_readDelivery(table("delivery", tuple(DeliveryConfig.__dataclass_fields__))),
         policies=_readPolicies(fileName, data.get("policy", [])),
+        relay=_readRelay(fileName, table("relay", _RELAY_KEYS), base),
     )
 
 
@@ -448,3 +500,119 @@ def _readPolicies(fileName: str, entries: object) -> tuple[PolicyConfig, ...]:
         options = {key: value for key, value in entry.items() if key != "name"}
         policies.append(PolicyConfig(name=name, options=MappingProxyType(options)))
     return tuple(policies)
+
+
+# The smarthost's tls/username/password_file sit in [relay] itself.
+_RELAY_KEYS = tuple(k for k in RelayConfig.__dataclass_fields__ if k != "routes") + (
+    "route",
+    "tls",
+    "username",
+    "password_file",
+)
+_ROUTE_KEYS = ("domain", "host", "port", "tls", "username", "password_file")
+
+
+def _hostPort(t: _Table, key: str, text: str, defaultPort: int) -> tuple[str, int]:
+    """``host`` or ``host:port`` (``[v6addr]:port`` for IPv6 literals)."""
+    host, port = text, defaultPort
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            if not rest.startswith(":") or not rest[1:].isdigit():
+                t.fail(key, f"expected host or host:port, got {_show(text)}")
+            port = int(rest[1:])
+    elif text.count(":") == 1:
+        host, _, portText = text.partition(":")
+        if not portText.isdigit():
+            t.fail(key, f"expected host or host:port, got {_show(text)}")
+        port = int(portText)
+    if not host or not 0 < port < 65536:
+        t.fail(key, f"expected host or host:port, got {_show(text)}")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if checkDomain(host) is None:
+            t.fail(key, f"not a valid host name: {_show(host)}")
+        host = checkDomain(host)
+    return host, port
+
+
+def _readRoute(t: _Table, domain: str, hostText: str, base: Path, defaultPort: int) -> RouteConfig:
+    """The host, TLS and AUTH settings of one route (the smarthost or a [[relay.route]])."""
+    host, port = _hostPort(t, "host" if "host" in t.data else "smarthost", hostText, defaultPort)
+    if "port" in t.data:
+        port = t.integer("port", port)
+        if port > 65535:
+            t.fail("port", f"out of range: {port}")
+    tls = t.data.get("tls", "opportunistic")
+    if tls not in TLS_MODES:
+        t.fail("tls", f"must be one of {', '.join(TLS_MODES)}; got {_show(tls)}")
+    username = t.data.get("username", "")
+    if not isinstance(username, str):
+        t.fail("username", f"expected a string, got {_show(username)}")
+    passwordFile = None
+    if "password_file" in t.data:
+        passwordFile, _ = t.text("password_file", base)
+    if username and passwordFile is None:
+        t.fail("password_file", "needed with username (AUTH to the relay host)")
+    return RouteConfig(domain=domain, host=host, port=port, tls=tls, username=username, password_file=passwordFile)
+
+
+def _readRelay(fileName: str, t: _Table, base: Path) -> RelayConfig:
+    """``[relay]`` and its ``[[relay.route]]`` tables."""
+    default = RelayConfig()
+    port = t.integer("port", default.port)
+    if port > 65535:
+        t.fail("port", f"out of range: {port}")
+    if t.data.get("tls", "opportunistic") not in TLS_MODES:
+        t.fail("tls", f"must be one of {', '.join(TLS_MODES)}; got {_show(t.data['tls'])}")
+    smarthost = None
+    text = t.data.get("smarthost", "")
+    if not isinstance(text, str):
+        t.fail("smarthost", f"expected a string, got {_show(text)}")
+    if text:
+        smarthost = _readRoute(t, "*", text, base, 25)
+    resolver = t.data.get("resolver", "")
+    if not isinstance(resolver, str):
+        t.fail("resolver", f"expected a string, got {_show(resolver)}")
+    if resolver:
+        host, rport = _hostPort(t, "resolver", resolver, 53)
+        resolver = f"{host}:{rport}"
+    helo = t.data.get("helo_name", "")
+    if helo and (not isinstance(helo, str) or checkDomain(helo) is None):
+        t.fail("helo_name", f"not a valid host name: {_show(helo)}")
+    entries = t.data.get("route", [])
+    if not isinstance(entries, list):
+        t.fail("route", f"expected [[relay.route]] tables, got {_show(entries)}")
+    routes = []
+    for index, entry in enumerate(entries):
+        rt = _Table(fileName, f"[[relay.route]][{index}]", entry, _ROUTE_KEYS)
+        domain = checkDomain(rt.string("domain", ""))
+        if domain is None:
+            rt.fail("domain", f"not a valid domain name: {_show(entry.get('domain'))}")
+        if any(r.domain == domain for r in routes):
+            rt.fail("domain", f"{domain} has two routes")
+        routes.append(_readRoute(rt, domain, rt.string("host", ""), base, 25))
+    seconds = {
+        key: t.seconds(key, getattr(default, key))
+        for key in RelayConfig.__dataclass_fields__
+        if key.endswith("_timeout")
+    }
+    warning = t.data.get("delay_warning_after", default.delay_warning_after)
+    if isinstance(warning, bool) or not isinstance(warning, (int, float)) or warning < 0:
+        t.fail("delay_warning_after", f"expected a number of seconds (0 = off), got {_show(warning)}")
+    return RelayConfig(
+        smarthost=smarthost,
+        routes=tuple(routes),
+        resolver=resolver,
+        port=port,
+        helo_name=helo.lower() if helo else "",
+        max_received_headers=t.integer("max_received_headers", default.max_received_headers),
+        max_messages_per_connection=t.integer("max_messages_per_connection", default.max_messages_per_connection),
+        max_connections_per_destination=t.integer(
+            "max_connections_per_destination", default.max_connections_per_destination
+        ),
+        max_connections=t.integer("max_connections", default.max_connections),
+        delay_warning_after=warning,
+        **seconds,
+    )

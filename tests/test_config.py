@@ -338,3 +338,57 @@ def test_expandAlias():
     assert aliasfiles.expandAlias("alice", users, aliases) == ("alice", "carol")
     assert aliasfiles.expandAlias("carol", users, aliases) == ("carol",)
     assert aliasfiles.expandAlias("nobody", users, aliases) == ()
+
+
+# ---------------------------------------------------------------- [relay]
+
+
+def test_relay_defaults_use_mx():
+    """With no [relay] table, mail for other domains goes by MX, on port 25, with rfc5321 timeouts."""
+    relay = loads("", "/tmp/x/mailsvc.toml").relay
+    assert relay.smarthost is None and relay.routes == () and relay.route_for("any.test") is None
+    assert (relay.port, relay.greeting_timeout, relay.data_init_timeout, relay.data_end_timeout) == (25, 300, 120, 600)
+    assert relay.max_received_headers == 100 and relay.delay_warning_after == 14400
+
+
+def test_relay_routes_take_precedence_over_the_smarthost():
+    """A per-domain route wins; other domains go to the smarthost."""
+    text = '[relay]\nsmarthost = "smtp.isp.test:587"\ntls = "required"\n[[relay.route]]\ndomain = "Partner.TEST"\nhost = "[192.0.2.5]:2525"\ntls = "none"\n'
+    relay = loads(text, "/tmp/x/mailsvc.toml").relay
+    partner = relay.route_for("partner.test")
+    assert (partner.host, partner.port, partner.tls) == ("192.0.2.5", 2525, "none")
+    other = relay.route_for("elsewhere.test")
+    assert (other.host, other.port, other.tls) == ("smtp.isp.test", 587, "required")
+
+
+def test_relay_route_auth_reads_the_password_file(tmp_path):
+    """username needs password_file, which must exist; the path is resolved against base_dir."""
+    (tmp_path / "pw").write_text("secret\n")
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    text = '[[relay.route]]\ndomain = "p.test"\nhost = "h.test"\nusername = "u"\npassword_file = "pw"\n'
+    route = loads(text, etc / "mailsvc.toml").relay.routes[0]
+    assert route.username == "u" and route.password_file == tmp_path / "pw"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('[relay]\nsmarthost = "a:b"', '[relay] smarthost: expected host or host:port, got "a:b"'),
+        ("[relay]\nport = 70000", "[relay] port: out of range: 70000"),
+        ('[relay]\ntls = "always"', '[relay] tls: must be one of none, opportunistic, required; got "always"'),
+        ('[relay]\nsmarthost = "h.test"\ntls = "always"', '[relay] tls: must be one of none, opportunistic, required; got "always"'),
+        ("[relay]\nretries = 1", "[relay] retries: unknown key"),
+        ('[[relay.route]]\ndomain = "x.test"\nhost = "h"\nusername = "u"', "[[relay.route]][0] password_file: needed with username"),
+        ('[[relay.route]]\ndomain = "x.test"\nhost = "h"\npassword_file = "/nonexistent"', "[[relay.route]][0] password_file: file not found: /nonexistent"),
+        ('[[relay.route]]\ndomain = "x.test"\nhost = "h"\n[[relay.route]]\ndomain = "X.test"\nhost = "i"', "[[relay.route]][1] domain: x.test has two routes"),
+        ('[[relay.route]]\ndomain = "x.test"\nhots = "h"', "[[relay.route]][0] hots: unknown key"),
+        ("[relay]\ndelay_warning_after = -1", "[relay] delay_warning_after: expected a number of seconds (0 = off), got -1"),
+        ('[relay]\nresolver = "not a host"', '[relay] resolver: not a valid host name: "not a host"'),
+    ],
+)
+def test_relay_errors_name_the_key(text, message):
+    """Every [relay] mistake stops with one line naming the key."""
+    with pytest.raises(ConfigError) as caught:
+        loads(text, "/tmp/x/mailsvc.toml")
+    assert message in str(caught.value) and "\n" not in str(caught.value)
