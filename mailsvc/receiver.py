@@ -117,22 +117,10 @@ class ReceivingSession:
     @defer.inlineCallbacks
     def on_rcpt(self, event: ev.RcptTo):
         """RCPT TO: a local recipient, a relay by a trusted client, or a refusal."""
-        address = event.recipient
-        local, at, domain = address.rpartition("@")
-        if not at:  # bare <Postmaster>, rfc5321 4.1.1.3: always ours
-            address, domain = "postmaster", ""
-        domain = domain.lower().rstrip(".")
-        recipients: list[Recipient]
-        if not domain or (yield defer.maybeDeferred(self.context.directory.isLocalDomain, domain)):
-            mailboxes = yield defer.maybeDeferred(self.context.directory.resolve, address)
-            if not mailboxes:
-                return Reply.of(550, "5.1.1", f"<{event.recipient}>: no such user here")
-            recipients = [
-                Recipient(address=m.address, original=event.recipient, mailbox=m.mailbox) for m in mailboxes
-            ]
-        elif self.info.trusted:
-            recipients = [Recipient(address=address, original=event.recipient)]
-        else:
+        recipients = yield router.recipients_for(self.context.directory, event.recipient)
+        if recipients is None:
+            return Reply.of(550, "5.1.1", f"<{event.recipient}>: no such user here")
+        if router.hop_for(recipients[0]) != router.LOCAL and not self.info.trusted:
             # DESIGN rule 4: no open relay.
             return Reply.of(550, "5.7.1", f"<{event.recipient}>: relay access denied")
         verdict = yield ask(self.context.policies, "rcpt", self.info, event.recipient, event.parameters)

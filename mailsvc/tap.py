@@ -18,6 +18,7 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 
 from mailsvc import config as configuration
+from mailsvc.delivery.bounce import Bouncer
 from mailsvc.delivery.local import LocalDeliveryAgent
 from mailsvc.delivery.router import LOCAL
 from mailsvc.delivery.runner import QueueRunner
@@ -98,6 +99,7 @@ def build(cfg: configuration.Config, reactor) -> service.MultiService:
     spool_log = Logger(namespace="mailsvc.spool")
     spool = FileSpool(cfg.server.spool_dir, log=lambda text: spool_log.warn("{text}", text=text))
     delivery = cfg.delivery
+    bouncer = Bouncer(spool, directory, cfg.server.hostname, submit=lambda m: runner.submit(m), run_blocking=run_blocking)
     runner = QueueRunner(
         spool,
         {LOCAL: LocalDeliveryAgent(store, spool, run_blocking)},
@@ -106,6 +108,7 @@ def build(cfg: configuration.Config, reactor) -> service.MultiService:
         scan_interval=delivery.scan_interval,
         concurrency=delivery.concurrency,
         run_blocking=run_blocking,  # spool updates fsync: keep them off the reactor thread
+        reporter=bouncer.report,
     )
     smtp = cfg.smtp
     context = ReceiverContext(

@@ -58,6 +58,7 @@ class QueueRunner:
         concurrency: int = 20,
         log: Logger | None = None,
         run_blocking: Callable | None = None,
+        reporter: Callable | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency!r}")
@@ -69,6 +70,10 @@ class QueueRunner:
         self._concurrency = concurrency
         self._log = log or Logger(namespace="mailsvc.delivery.runner")
         self._blocking = run_blocking or defer.maybeDeferred
+        # reporter(message, failed_recipients) -> Deferred: queues the bounce
+        # (mailsvc.delivery.bounce.Bouncer.report). Called before the failed
+        # state is saved, so a crash in between repeats a bounce, never loses one.
+        self._reporter = reporter
         self._running = False
         self._inflight: set[tuple[str, str]] = set()
         self._waiting: OrderedDict[tuple[str, str], QueuedMessage] = OrderedDict()
@@ -251,6 +256,20 @@ class QueueRunner:
                 continue
             recipients.append(self._outcome(message, r, results.get(r.address, _NO_RESULT), now))
         updated = message.evolve(envelope=message.envelope.evolve(recipients=tuple(recipients)))
+        failed = [
+            new
+            for old, new in zip(message.envelope.recipients, recipients)
+            if old.state is PENDING and new.state is RecipientState.FAILED
+        ]
+        if failed and self._reporter is not None:
+            d = defer.maybeDeferred(self._reporter, message, failed)
+            d.addErrback(lambda f: self._log.failure("bounce for id={id} failed", f, id=message.id))
+            d.addCallback(lambda _: self._save(updated))
+            return d
+        return self._save(updated)
+
+    def _save(self, updated: QueuedMessage) -> defer.Deferred:
+        """Write the recipients' new state, or remove the message when none is pending."""
         if _pending(updated):
             # After a failed update, no timer: the next scan reads what the
             # spool really holds (a message removed meanwhile stays removed).

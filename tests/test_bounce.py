@@ -1,0 +1,106 @@
+"""Bounces: failed recipients become an rfc3464 report queued to the sender."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import io
+
+from twisted.internet import defer, task
+from zope.interface import implementer
+
+from mailsvc.delivery.bounce import DOUBLE_BOUNCE, Bouncer, outcome_of
+from mailsvc.delivery.local import LocalDeliveryAgent
+from mailsvc.delivery.runner import QueueRunner
+from mailsvc.envelope import Envelope, Recipient, RecipientState
+from mailsvc.errors import PermanentDeliveryError
+from mailsvc.interfaces import IMailboxStore
+from mailsvc.spool.filespool import FileSpool
+from mailsvc.spool.schedule import RetrySchedule
+from test_protocol import TableDirectory
+
+ORIGINAL = b"From: carol@example.test\r\nSubject: the report\r\n\r\nbody\r\n"
+
+
+@implementer(IMailboxStore)
+class RecordingStore:
+    """Keeps delivered messages in memory; mailboxes in ``refuse`` fail for good."""
+
+    def __init__(self, refuse=()):
+        self.refuse = set(refuse)
+        self.messages: dict[str, list[bytes]] = {}
+
+    def deliver(self, mailbox, headers, source):
+        if mailbox in self.refuse:
+            raise PermanentDeliveryError("mailbox disabled", "5.2.1")
+        data = "\r\n".join(headers).encode() + b"\r\n" + source.read()
+        self.messages.setdefault(mailbox, []).append(data)
+        return mailbox
+
+    def exists(self, mailbox):
+        return mailbox in self.messages
+
+
+def queue(spool, sender, *mailboxes, parameters=()):
+    writer = spool.newMessage()
+    writer.write(ORIGINAL)
+    recipients = tuple(Recipient(f"{m}@example.test", mailbox=m) for m in mailboxes)
+    envelope = Envelope(sender=sender, recipients=recipients, parameters=parameters, received_at=1_790_000_000.0)
+    return writer.commit(envelope, {"local": recipients})[0]
+
+
+def system(tmp_path, refuse=()):
+    clock = task.Clock()
+    clock.advance(1_790_000_000)
+    spool = FileSpool(tmp_path / "spool")
+    store = RecordingStore(refuse)
+    directory = TableDirectory(users=("alice", "bob", "carol"), aliases={"postmaster": ["alice"]})
+    bouncer = Bouncer(spool, directory, "mx.test", submit=lambda m: runner.submit(m), now=clock.seconds)
+    runner = QueueRunner(
+        spool, {"local": LocalDeliveryAgent(store, spool, defer.maybeDeferred)}, clock, RetrySchedule(), reporter=bouncer.report
+    )
+    runner.start()
+    return spool, store, runner
+
+
+def report_of(data: bytes):
+    """The rfc3464 report inside a stored copy (after Return-Path/Delivered-To)."""
+    return email.message_from_bytes(data, policy=email.policy.default)
+
+
+def test_permanent_failure_bounces_to_a_local_sender(tmp_path):
+    """bob's mailbox refuses: carol gets a multipart/report naming bob, status 5.2.1."""
+    spool, store, runner = system(tmp_path, refuse={"bob"})
+    runner.submit(queue(spool, "carol@example.test", "alice", "bob"))
+    assert len(store.messages["alice"]) == 1
+    [bounce] = store.messages["carol"]
+    report = report_of(bounce)
+    assert report["Return-Path"] == "<>"
+    assert report.get_content_type() == "multipart/report"
+    assert report.get_param("report-type") == "delivery-status"
+    text, status, returned = report.iter_parts()
+    fields = status.get_payload()[1]
+    assert fields["Final-Recipient"] == "rfc822; bob@example.test"
+    assert fields["Action"] == "failed" and fields["Status"] == "5.2.1"
+    assert "mailbox disabled" in fields["Diagnostic-Code"]
+    assert "Subject: the report" in returned.get_content()
+    assert spool.queued() == []
+
+
+def test_null_sender_failure_goes_to_postmaster_once(tmp_path):
+    """A report that fails goes to postmaster (a double bounce); if that fails, it is only logged."""
+    spool, store, runner = system(tmp_path, refuse={"bob"})
+    runner.submit(queue(spool, "", "bob"))
+    [double] = store.messages["alice"]  # postmaster -> alice
+    assert "bob@example.test" in double.decode()
+    spool2, store2, runner2 = system(tmp_path / "second", refuse={"bob"})
+    runner2.submit(queue(spool2, "", "bob", parameters=((DOUBLE_BOUNCE, "yes"),)))
+    assert store2.messages == {} and spool2.queued() == []
+
+
+def test_outcome_reads_status_and_remote_host_from_the_error():
+    """'5.1.1 host mx.remote.test said: 550 ...' → status 5.1.1, remote MTA mx.remote.test."""
+    r = Recipient("x@remote.test", last_error="5.1.1 host mx.remote.test said: 550 5.1.1 no such user", state=RecipientState.FAILED)
+    outcome = outcome_of(r)
+    assert (outcome.status, outcome.remote_mta, outcome.diagnostic) == ("5.1.1", "mx.remote.test", "550 5.1.1 no such user")
+    assert outcome_of(Recipient("y@z.test", last_error="")).status == "5.0.0"
