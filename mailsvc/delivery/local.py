@@ -58,7 +58,7 @@ class LocalDeliveryAgent:
             f"Delivered-To: {recipient.address}",
         ]
         try:
-            where = await self._run_blocking(self._store_copy, message, recipient.mailbox, headers)
+            await self._run_blocking(self._store_copy, message, recipient.mailbox, headers)
         except DeliveryError as e:
             return e
         except OSError as e:
@@ -71,10 +71,7 @@ class LocalDeliveryAgent:
                 to=recipient.address,
             )
             return TemporaryDeliveryError(f"internal error: {e.__class__.__name__}: {e}", "4.3.0")
-        self._log.debug(
-            "stored id={id} for <{to}> in {where}", id=message.id, to=recipient.address, where=where
-        )
-        return None
+        return None  # the queue runner logs the delivery
 
     def _store_copy(self, message: QueuedMessage, mailbox: str, headers: list[str]):
         """Blocking: read the message from the spool into the store."""
