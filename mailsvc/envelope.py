@@ -37,6 +37,9 @@ class Recipient:
     attempts: int = 0
     next_attempt: float = 0.0  # POSIX time of the next try
     last_error: str = ""  # the last error text, e.g. "451 4.3.0 disk full"
+    # rfc3461 4.1 NOTIFY as the client gave it ("NEVER", "SUCCESS,DELAY"...);
+    # "" when not given (then failures and delays are reported).
+    notify: str = ""
 
     def evolve(self, **changes) -> "Recipient":
         """A copy with some fields changed."""

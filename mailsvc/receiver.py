@@ -27,6 +27,7 @@ from mailsvc.envelope import Envelope, LocalMailbox, Recipient
 from mailsvc.errors import SpoolError
 from mailsvc.policy import SessionInfo, ask
 from mailsvc.smtp import events as ev
+from mailsvc.smtp import xtext
 from mailsvc.smtp.address import AddressError, check_mailbox
 from mailsvc.smtp.replies import Reply
 
@@ -117,7 +118,10 @@ class ReceivingSession:
     @defer.inlineCallbacks
     def on_rcpt(self, event: ev.RcptTo):
         """RCPT TO: a local recipient, a relay by a trusted client, or a refusal."""
-        recipients = yield router.recipients_for(self.context.directory, event.recipient)
+        orcpt = event.parameters.get("ORCPT")
+        # rfc3461 4.2: ORCPT is the address the sender originally used.
+        original = xtext.decode(orcpt.partition(";")[2]) if orcpt else event.recipient
+        recipients = yield router.recipients_for(self.context.directory, event.recipient, original)
         if recipients is None:
             return Reply.of(550, "5.1.1", f"<{event.recipient}>: no such user here")
         if router.hop_for(recipients[0]) != router.LOCAL and not self.info.trusted:
@@ -126,6 +130,9 @@ class ReceivingSession:
         verdict = yield ask(self.context.policies, "rcpt", self.info, event.recipient, event.parameters)
         if verdict.reply is not None:
             return verdict.reply
+        notify = event.parameters.get("NOTIFY")
+        if notify:
+            recipients = [r.evolve(notify=notify) for r in recipients]
         known = {r.address.lower() for r in self._txn.recipients}
         for recipient in recipients:  # one copy per mailbox (duplicate elimination)
             if recipient.address.lower() not in known:

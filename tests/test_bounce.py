@@ -104,3 +104,36 @@ def test_outcome_reads_status_and_remote_host_from_the_error():
     outcome = outcome_of(r)
     assert (outcome.status, outcome.remote_mta, outcome.diagnostic) == ("5.1.1", "mx.remote.test", "550 5.1.1 no such user")
     assert outcome_of(Recipient("y@z.test", last_error="")).status == "5.0.0"
+
+
+def queue_with_notify(spool, sender, mailbox, notify, original=""):
+    writer = spool.newMessage()
+    writer.write(ORIGINAL)
+    r = Recipient(f"{mailbox}@example.test", original=original, mailbox=mailbox, notify=notify)
+    envelope = Envelope(sender=sender, recipients=(r,), received_at=1_790_000_000.0)
+    return writer.commit(envelope, {"local": (r,)})[0]
+
+
+def test_notify_never_suppresses_the_bounce(tmp_path):
+    """rfc3461 4.1: NOTIFY=NEVER: the failure is recorded, no report is sent."""
+    spool, store, runner = system(tmp_path, refuse={"bob"})
+    runner.submit(queue_with_notify(spool, "carol@example.test", "bob", "NEVER"))
+    assert store.messages == {} and spool.queued() == []
+
+
+def test_notify_success_sends_a_delivered_report(tmp_path):
+    """NOTIFY=SUCCESS on a local delivery: the sender gets Action: delivered, with the ORCPT."""
+    spool, store, runner = system(tmp_path)
+    runner.submit(queue_with_notify(spool, "carol@example.test", "bob", "SUCCESS", original="Bob@old.test"))
+    assert len(store.messages["bob"]) == 1
+    [report] = store.messages["carol"]
+    fields = report_of(report).get_payload()[1].get_payload()[1]
+    assert fields["Action"] == "delivered" and fields["Status"] == "2.0.0"
+    assert fields["Original-Recipient"] == "rfc822; Bob@old.test"
+
+
+def test_default_notify_sends_no_success_report(tmp_path):
+    """Without NOTIFY, a delivery sends nothing back (rfc3461 4.1 default: FAILURE,DELAY)."""
+    spool, store, runner = system(tmp_path)
+    runner.submit(queue(spool, "carol@example.test", "bob"))
+    assert list(store.messages) == ["bob"]

@@ -184,7 +184,7 @@ def test_slow_policy_keeps_pipelined_replies_in_order(tmp_path):
     proto, t = h.connect()
     t.clear()
     out = talk(proto, t, SEND + b"hi\r\n.\r\nQUIT\r\n")
-    assert lines(out) == ["250-mx.test greets c.test", "250-PIPELINING", "250-SIZE 10000", "250-8BITMIME", "250-ENHANCEDSTATUSCODES", "250 HELP"]
+    assert lines(out) == ["250-mx.test greets c.test", "250-PIPELINING", "250-SIZE 10000", "250-8BITMIME", "250-ENHANCEDSTATUSCODES", "250-DSN", "250 HELP"]
     assert t.producerState == "paused"
     policy.waiting[0].callback(None)
     out = t.value().decode()
@@ -323,3 +323,15 @@ def test_oversize_message_is_refused_and_not_spooled(tmp_path):
     out = talk(proto, t, SEND + b"x" * 200 + b"\r\n.\r\n")
     assert lines(out)[-1] == "552 5.3.4 Message too big: the limit is 100 octets"
     assert h.spool.queued() == [] and list((tmp_path / "spool" / "tmp").iterdir()) == []
+
+
+def test_dsn_parameters_reach_the_spool(tmp_path):
+    """rfc3461: RET/ENVID stay in the envelope; NOTIFY and the decoded ORCPT on the recipient."""
+    h = Harness(tmp_path)
+    proto, t = h.connect()
+    talk(proto, t, b"EHLO c\r\nMAIL FROM:<carol@remote.test> RET=FULL ENVID=abc+2B1\r\n"
+                   b"RCPT TO:<alice@example.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;Alice+40old.test\r\nDATA\r\nx\r\n.\r\n")
+    [queued] = h.spool.queued()  # read back from the control file on disk
+    assert queued.envelope.parameter("RET") == "FULL" and queued.envelope.parameter("ENVID") == "abc+2B1"
+    [r] = queued.envelope.recipients
+    assert (r.address, r.original, r.notify) == ("alice@example.test", "Alice@old.test", "SUCCESS,FAILURE")

@@ -29,6 +29,7 @@ def test_ehlo_lists_the_extensions():
         "250-SIZE 10000",
         "250-8BITMIME",
         "250-ENHANCEDSTATUSCODES",
+        "250-DSN",
         "250 HELP",
     ]
 
@@ -124,6 +125,9 @@ def test_null_sender_and_bare_postmaster():
         (b"MAIL FROM:<a@b.test> BODY=BINARYMIME", "501 5.5.4 BODY must be 7BIT or 8BITMIME"),
         (b"MAIL FROM:<a@b.test> FOO=bar", "555 5.5.4 Unsupported MAIL parameter: FOO"),
         (b"MAIL FROM:<a@b.test> SIZE=1 SIZE=2", "501 5.5.4 Syntax error: parameter SIZE given twice"),
+        (b"MAIL FROM:<a@b.test> RET=ALL", "501 5.5.4 RET must be FULL or HDRS"),
+        (b"MAIL FROM:<a@b.test> ENVID=" + b"x" * 101, "501 5.5.4 ENVID must be xtext of at most 100 characters"),
+        (b"MAIL FROM:<a@b.test> ENVID=a+b", "501 5.5.4 ENVID must be xtext of at most 100 characters"),
         ("MAIL FROM:<jöran@b.test>".encode(), "553 5.6.7 non-ASCII address requires SMTPUTF8"),
     ],
 )
@@ -133,6 +137,15 @@ def test_mail_syntax_errors(line, expected):
     d.feed(b"EHLO c.test\r\n")
     assert d.feed(line + b"\r\n") == expected + "\r\n"
     assert not d.of(ev.MailFrom)
+
+
+def test_dsn_parameters_are_accepted_and_normalised():
+    """rfc3461: RET and ENVID on MAIL, NOTIFY and ORCPT on RCPT; keywords upper-cased."""
+    d = Driver()
+    out = d.feed(b"EHLO c\r\nMAIL FROM:<a@b.test> ret=hdrs ENVID=QQ+2B1\r\nRCPT TO:<c@d.test> notify=success,delay ORCPT=rfc822;C+40d.test\r\n")
+    assert codes(out)[-2:] == ["250", "250"]
+    assert d.of(ev.MailFrom)[0].parameters == {"RET": "HDRS", "ENVID": "QQ+2B1"}
+    assert d.of(ev.RcptTo)[0].parameters == {"NOTIFY": "SUCCESS,DELAY", "ORCPT": "rfc822;C+40d.test"}
 
 
 def test_mail_parameters_need_ehlo():
@@ -155,7 +168,12 @@ def test_mail_accepts_source_route_and_space_after_colon():
         (b"RCPT TO:<>", "501 5.1.3 Syntax error: the null address <> is not a recipient"),
         (b"RCPT TO:bob@example.test", "501 5.1.3 Syntax error: address must be in angle brackets, as <user@domain>"),
         (b"RCPT FROM:<bob@example.test>", "501 5.5.4 Syntax error: expected TO:<address>"),
-        (b"RCPT TO:<bob@example.test> NOTIFY=NEVER", "555 5.5.4 Unsupported RCPT parameter: NOTIFY"),
+        (b"RCPT TO:<bob@example.test> FOO=1", "555 5.5.4 Unsupported RCPT parameter: FOO"),
+        (b"RCPT TO:<bob@example.test> NOTIFY=NEVER,SUCCESS", "501 5.5.4 NOTIFY must be NEVER, or a list of SUCCESS, FAILURE, DELAY"),
+        (b"RCPT TO:<bob@example.test> NOTIFY=SOMETIMES", "501 5.5.4 NOTIFY must be NEVER, or a list of SUCCESS, FAILURE, DELAY"),
+        (b"RCPT TO:<bob@example.test> NOTIFY=FAILURE,FAILURE", "501 5.5.4 NOTIFY must be NEVER, or a list of SUCCESS, FAILURE, DELAY"),
+        (b"RCPT TO:<bob@example.test> ORCPT=bob@example.test", "501 5.5.4 ORCPT must be addr-type;xtext, as rfc822;user@domain"),
+        (b"RCPT TO:<bob@example.test> ORCPT=rfc822;a+zz", "501 5.5.4 ORCPT must be addr-type;xtext, as rfc822;user@domain"),
     ],
 )
 def test_rcpt_syntax_errors(line, expected):

@@ -530,3 +530,16 @@ def test_control_round_trip(hop, id, envelope):
         envelope.recipients
     )
     assert control.load(data, hop, id) == message
+
+
+def test_control_file_keeps_notify_and_reads_files_without_it():
+    """rfc3461 NOTIFY round-trips; a control file from before the field existed still loads."""
+    from mailsvc.spool import control
+
+    r = Recipient("a@example.test", original="A@old.test", mailbox="a", notify="SUCCESS,DELAY")
+    message = QueuedMessage("local", "abc", Envelope(sender="s@x.test", recipients=(r,), received_at=1.0))
+    data = control.dump(message)
+    assert b" notify=SUCCESS,DELAY" in data
+    assert control.load(data, "local", "abc") == message
+    old = data.replace(b" notify=SUCCESS,DELAY", b"")
+    assert control.load(old, "local", "abc").envelope.recipients[0].notify == ""

@@ -18,7 +18,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from mailsvc.delivery import router
-from mailsvc.delivery.dsn import RecipientOutcome, build_dsn
+from mailsvc.delivery.dsn import RecipientOutcome, build_dsn, wants_dsn
 from mailsvc.envelope import Envelope, QueuedMessage, Recipient
 
 log = Logger(namespace="mailsvc.delivery.bounce")
@@ -27,6 +27,7 @@ log = Logger(namespace="mailsvc.delivery.bounce")
 DOUBLE_BOUNCE = "X-MAILSVC-DOUBLE-BOUNCE"
 _STATUS = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")  # rfc3463 2
 _REMOTE = re.compile(r"^host (\S+) said: ")
+_DEFAULT_STATUS = {"failed": "5.0.0", "delayed": "4.0.0"}  # rfc3463 3.1: undefined
 
 
 def outcome_of(recipient: Recipient, action: str = "failed") -> RecipientOutcome:
@@ -35,15 +36,17 @@ def outcome_of(recipient: Recipient, action: str = "failed") -> RecipientOutcome
     Agents write errors as ``"<x.y.z> <text>"``; relay errors as
     ``"<x.y.z> host <name> said: <reply>"``, which names the remote MTA.
     """
+    if action in ("delivered", "relayed"):
+        return RecipientOutcome(recipient=recipient, status="2.0.0")
     error = recipient.last_error
     match = _STATUS.search(error)
-    status = match.group(1) if match else ("5.0.0" if action == "failed" else "4.0.0")
+    status = match.group(1) if match else _DEFAULT_STATUS[action]
     diagnostic = error[match.end() :].strip() if match and match.start() == 0 else error
     remote = _REMOTE.match(diagnostic)
     remote_mta = remote.group(1) if remote else ""
     if remote:
         diagnostic = diagnostic[remote.end() :]
-    return RecipientOutcome(recipient=recipient, status=status, diagnostic=diagnostic or "delivery failed", remote_mta=remote_mta)
+    return RecipientOutcome(recipient=recipient, status=status, diagnostic=diagnostic, remote_mta=remote_mta)
 
 
 class Bouncer:
@@ -78,6 +81,10 @@ class Bouncer:
         messages (``[]`` when no report is due). Never fails: a report that
         cannot be queued is logged (the original's state is still saved)."""
         envelope = message.envelope
+        # rfc3461 4.1: NOTIFY says which reports each recipient's sender wants.
+        recipients = [r for r in recipients if wants_dsn(action, r.notify or None)]
+        if not recipients:
+            return []
         if envelope.sender:
             to = envelope.sender
         elif action == "failed" and not envelope.parameter(DOUBLE_BOUNCE):

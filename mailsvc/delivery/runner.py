@@ -261,9 +261,18 @@ class QueueRunner:
             for old, new in zip(message.envelope.recipients, recipients)
             if old.state is PENDING and new.state is RecipientState.FAILED
         ]
-        if failed and self._reporter is not None:
-            d = defer.maybeDeferred(self._reporter, message, failed)
-            d.addErrback(lambda f: self._log.failure("bounce for id={id} failed", f, id=message.id))
+        # Only recipients that asked (rfc3461 NOTIFY) may want a success report.
+        delivered = [
+            new
+            for old, new in zip(message.envelope.recipients, recipients)
+            if old.state is PENDING and new.state is RecipientState.DELIVERED and new.notify
+        ]
+        if (failed or delivered) and self._reporter is not None:
+            d = defer.succeed(None)
+            for action, group in (("failed", failed), ("delivered", delivered)):
+                if group:
+                    d.addCallback(lambda _, a=action, g=group: self._reporter(message, g, a))
+            d.addErrback(lambda f: self._log.failure("report for id={id} failed", f, id=message.id))
             d.addCallback(lambda _: self._save(updated))
             return d
         return self._save(updated)

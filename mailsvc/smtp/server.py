@@ -20,6 +20,7 @@ import enum
 from dataclasses import dataclass
 
 from mailsvc.smtp import events as ev
+from mailsvc.smtp import xtext
 from mailsvc.smtp.address import AddressError, parse_path_argument
 from mailsvc.smtp.data import DataFault, DataReader
 from mailsvc.smtp.help import help_reply
@@ -64,8 +65,12 @@ class State(enum.Enum):
 MAIL_VERBS = frozenset({"MAIL", "SEND", "SOML", "SAML"})
 # Verbs known but not offered (rfc5321 4.2.4: 502 "not implemented").
 NOT_IMPLEMENTED = frozenset({"STARTTLS", "AUTH", "BDAT", "ETRN", "ATRN"})
-# MAIL parameters understood: rfc1870 SIZE, rfc6152 BODY.
+# MAIL parameters understood: rfc1870 SIZE, rfc6152 BODY, rfc3461 RET and ENVID.
 BODY_VALUES = frozenset({"7BIT", "8BITMIME"})
+RET_VALUES = frozenset({"FULL", "HDRS"})  # rfc3461 4.3
+NOTIFY_VALUES = frozenset({"SUCCESS", "FAILURE", "DELAY"})  # rfc3461 4.1
+MAX_ENVID = 100  # rfc3461 4.4
+MAX_ORCPT = 500  # rfc3461 4.2
 
 
 class ServerConnection:
@@ -293,6 +298,7 @@ class ServerConnection:
             f"SIZE {size}" if size else "SIZE",  # rfc1870
             "8BITMIME",  # rfc6152
             "ENHANCEDSTATUSCODES",  # rfc2034
+            "DSN",  # rfc3461
             *self.settings.extensions,
             "HELP",
         ]
@@ -330,6 +336,15 @@ class ServerConnection:
                 if limit and int(value) > limit:
                     self._send(Reply.of(552, "5.3.4", f"Message size exceeds the limit of {limit} octets"))
                     return False
+            elif key == "RET":
+                if value is None or value.upper() not in RET_VALUES:
+                    self._syntax("RET must be FULL or HDRS")
+                    return False
+                parameters[key] = value.upper()
+            elif key == "ENVID":
+                if value is None or len(value) > MAX_ENVID or not xtext.is_xtext(value):
+                    self._syntax(f"ENVID must be xtext of at most {MAX_ENVID} characters")
+                    return False
             elif key == "BODY":
                 # rfc6152 2: BODY=7BIT or BODY=8BITMIME.
                 if value is None or value.upper() not in BODY_VALUES:
@@ -356,9 +371,7 @@ class ServerConnection:
         except AddressError as error:
             self._address_error(error, "5.1.3")  # rfc3463: bad destination syntax
             return None
-        if path.parameters:
-            key = next(iter(path.parameters))
-            self._syntax(f"Unsupported RCPT parameter: {key}", code=555)
+        if path.parameters and not self._check_rcpt_parameters(path.parameters):
             return None
         if self._accepted >= self.settings.max_recipients:
             # rfc5321 4.5.3.1.10: "452 too many recipients"; the client sends the rest later.
@@ -366,6 +379,28 @@ class ServerConnection:
             return None
         self._attempted += 1
         return ev.RcptTo(path.address, path.parameters)
+
+    def _check_rcpt_parameters(self, parameters: dict) -> bool:
+        """rfc3461 4.1 NOTIFY and 4.2 ORCPT; anything else is 555."""
+        if not self.extended:
+            self._syntax("RCPT parameters need EHLO", code=555)
+            return False
+        for key, value in parameters.items():
+            if key == "NOTIFY":
+                words = (value or "").upper().split(",")
+                if words != ["NEVER"] and not (set(words) <= NOTIFY_VALUES and len(set(words)) == len(words)):
+                    self._syntax("NOTIFY must be NEVER, or a list of SUCCESS, FAILURE, DELAY")
+                    return False
+                parameters[key] = ",".join(words)
+            elif key == "ORCPT":
+                kind, semi, address = (value or "").partition(";")
+                if not semi or not kind or len(value) > MAX_ORCPT or not xtext.is_xtext(address):
+                    self._syntax("ORCPT must be addr-type;xtext, as rfc822;user@domain")
+                    return False
+            else:
+                self._syntax(f"Unsupported RCPT parameter: {key}", code=555)
+                return False
+        return True
 
     def _data(self, verb: str, argument: str) -> ev.Event | None:
         if argument:

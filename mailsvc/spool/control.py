@@ -38,6 +38,7 @@ _HEX = "0123456789ABCDEF"
 _LITERAL_IN_FIELD = frozenset(chr(c) for c in range(0x21, 0x7F)) - {"+", "="}
 _LITERAL_IN_LINE = _LITERAL_IN_FIELD | {" ", "="}
 _RECIPIENT_KEYS = ("state", "attempts", "next", "address", "original", "mailbox", "error")
+_OPTIONAL_RECIPIENT_KEYS = ("notify",)  # written only when set; older files lack it
 
 
 def escape(value: str, *, in_field: bool = False) -> str:
@@ -108,6 +109,7 @@ def _recipient_line(r: Recipient) -> str:
         f"next={_number(r.next_attempt)} address={_address(r.address)} "
         f"original={_address(r.original)} mailbox={escape(r.mailbox, in_field=True)} "
         f"error={escape(r.last_error, in_field=True)}"
+        + (f" notify={escape(r.notify, in_field=True)}" if r.notify else "")
     )
 
 
@@ -117,7 +119,7 @@ def _parse_recipient(text: str) -> Recipient:
         key, sep, value = token.partition("=")
         if not sep:
             raise ValueError(f"expected key=value, got {token!r}")
-        if key not in _RECIPIENT_KEYS:
+        if key not in _RECIPIENT_KEYS and key not in _OPTIONAL_RECIPIENT_KEYS:
             raise ValueError(f"unknown recipient field {key!r}")
         if key in fields:
             raise ValueError(f"recipient field {key!r} given twice")
@@ -136,6 +138,7 @@ def _parse_recipient(text: str) -> Recipient:
         attempts=int(attempts),
         next_attempt=_unnumber(fields["next"]),
         last_error=unescape(fields["error"]),
+        notify=unescape(fields.get("notify", "")),
     )
 
 
