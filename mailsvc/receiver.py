@@ -56,6 +56,7 @@ class ReceiverContext:
     run_blocking: Callable  # run_blocking(f, *args) -> Deferred (a thread pool in production)
     policies: Sequence = ()
     now: Callable[[], float] = time.time
+    router: router.Router = router.DEFAULT_ROUTER
 
     def is_trusted(self, address: str) -> bool:
         """Whether a client address is in a trusted network (may relay)."""
@@ -124,7 +125,7 @@ class ReceivingSession:
         recipients = yield router.recipients_for(self.context.directory, event.recipient, original)
         if recipients is None:
             return Reply.of(550, "5.1.1", f"<{event.recipient}>: no such user here")
-        if router.hop_for(recipients[0]) != router.LOCAL and not self.info.trusted:
+        if self.context.router.hop_for(recipients[0]) == router.RELAY and not self.info.trusted:
             # DESIGN rule 4: no open relay.
             return Reply.of(550, "5.7.1", f"<{event.recipient}>: relay access denied")
         verdict = yield ask(self.context.policies, "rcpt", self.info, event.recipient, event.parameters)
@@ -176,7 +177,7 @@ class ReceivingSession:
             return verdict.reply
         envelope = envelope.evolve(prepend_headers=envelope.prepend_headers + verdict.headers)
         try:
-            queued = yield self.context.run_blocking(writer.commit, envelope, router.routes(envelope.recipients))
+            queued = yield self.context.run_blocking(writer.commit, envelope, self.context.router.routes(envelope.recipients))
         except SpoolError as error:
             log.error("spool commit failed for {id}: {error}", id=writer.id, error=error)
             return _spool_reply(error)

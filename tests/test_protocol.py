@@ -335,3 +335,16 @@ def test_dsn_parameters_reach_the_spool(tmp_path):
     assert queued.envelope.parameter("RET") == "FULL" and queued.envelope.parameter("ENVID") == "abc+2B1"
     [r] = queued.envelope.recipients
     assert (r.address, r.original, r.notify) == ("alice@example.test", "Alice@old.test", "SUCCESS,FAILURE")
+
+
+def test_mail_for_a_domain_with_a_fixed_hop_is_accepted_from_anyone(tmp_path):
+    """We are the MX of a UUCP or held site: a stranger's mail for it is not relaying."""
+    from mailsvc.delivery.router import Router
+
+    h = Harness(tmp_path)
+    h.context.router = Router({"site.example": "uucp.site"})
+    proto, t = h.connect()
+    out = talk(proto, t, b"EHLO c\r\nMAIL FROM:<a@far.test>\r\nRCPT TO:<x@site.example>\r\nRCPT TO:<y@other.test>\r\nDATA\r\nhi\r\n.\r\n")
+    assert "550 5.7.1 <y@other.test>: relay access denied" in out
+    assert lines(out)[-1].startswith("250 2.0.0")
+    assert [m.hop for m in h.spool.queued()] == ["uucp.site"]

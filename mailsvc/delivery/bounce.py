@@ -67,6 +67,7 @@ class Bouncer:
         submit: Callable,
         run_blocking: Callable = defer.maybeDeferred,
         now: Callable[[], float] = time.time,
+        routes: Callable = router.routes,
     ) -> None:
         self.spool = spool
         self.directory = directory
@@ -74,6 +75,7 @@ class Bouncer:
         self.submit = submit
         self.run_blocking = run_blocking
         self.now = now
+        self.routes = routes  # Router.routes: which hop each report recipient goes to
 
     @defer.inlineCallbacks
     def report(self, message: QueuedMessage, recipients: Sequence[Recipient], action: str = "failed"):
@@ -135,7 +137,7 @@ class Bouncer:
                 protocol="local",
                 received_at=now,
             )
-            return writer.commit(envelope, router.routes(targets))
+            return writer.commit(envelope, self.routes(targets))
         except BaseException:
             writer.abort()
             raise

@@ -1,13 +1,14 @@
 """Which next hop a recipient goes to.
 
-For now two hops: ``local`` (a mailbox here, found by the recipient
-directory) and ``relay`` (anything else a trusted client may send; its agent
-comes with the outbound work, until then such mail waits in the spool).
+Three kinds of hop: ``local`` (a mailbox here, found by the recipient
+directory), a fixed hop configured for a domain (a UUCP site, a site whose
+mail is held for TURN/ATRN), and ``relay`` (everything else, for the relay
+agent). A hop is the name of a spool directory and of the agent that serves it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from twisted.internet import defer
 
@@ -17,17 +18,40 @@ LOCAL = "local"
 RELAY = "relay"
 
 
+class Router:
+    """Recipients → spool hops. ``domain_hops`` maps a recipient domain to a
+    fixed hop (e.g. ``{"site.example": "uucp.site"}``); we are that domain's
+    MX, so mail for it is accepted from anyone (it is not relaying)."""
+
+    def __init__(self, domain_hops: Mapping[str, str] | None = None) -> None:
+        self.domain_hops = {d.lower().rstrip("."): hop for d, hop in (domain_hops or {}).items()}
+
+    def hop_for(self, recipient: Recipient) -> str:
+        """The spool hop of ``recipient``."""
+        if recipient.mailbox:
+            return LOCAL
+        domain = recipient.address.rpartition("@")[2].lower().rstrip(".")
+        return self.domain_hops.get(domain, RELAY)
+
+    def routes(self, recipients: Iterable[Recipient]) -> dict[str, tuple[Recipient, ...]]:
+        """Group recipients by hop, keeping their order."""
+        grouped: dict[str, list[Recipient]] = {}
+        for recipient in recipients:
+            grouped.setdefault(self.hop_for(recipient), []).append(recipient)
+        return {hop: tuple(members) for hop, members in grouped.items()}
+
+
+DEFAULT_ROUTER = Router()  # local or relay, nothing configured
+
+
 def hop_for(recipient: Recipient) -> str:
-    """The spool hop of ``recipient``: local when it has a mailbox here."""
-    return LOCAL if recipient.mailbox else RELAY
+    """The hop of ``recipient`` with no domain configured: local or relay."""
+    return DEFAULT_ROUTER.hop_for(recipient)
 
 
 def routes(recipients: Iterable[Recipient]) -> dict[str, tuple[Recipient, ...]]:
-    """Group recipients by hop, keeping their order."""
-    grouped: dict[str, list[Recipient]] = {}
-    for recipient in recipients:
-        grouped.setdefault(hop_for(recipient), []).append(recipient)
-    return {hop: tuple(members) for hop, members in grouped.items()}
+    """Group recipients by hop with no domain configured."""
+    return DEFAULT_ROUTER.routes(recipients)
 
 
 @defer.inlineCallbacks
