@@ -141,6 +141,28 @@ class RelayConfig:
 
 
 @dataclass(frozen=True)
+class UucpSiteConfig:
+    """One ``[[uucp.site]]``: a site reached by UUCP, its domains, and how batches leave.
+
+    Mail for ``domains`` is spooled under hop ``uucp.<name>`` and handed, as
+    BSMTP batches (rfc2442) of at most ``max_messages`` messages and
+    ``max_bytes`` octets, on standard input to ``command``
+    (``{site}`` in it is replaced by ``name``).
+    """
+
+    name: str
+    domains: tuple[str, ...]
+    command: tuple[str, ...] = ("uux", "-r", "-z", "-", "{site}!rsmtp")
+    max_messages: int = 100
+    max_bytes: int = 1048576
+
+    @property
+    def hop(self) -> str:
+        """The spool hop of this site's mail."""
+        return f"uucp.{self.name}"
+
+
+@dataclass(frozen=True)
 class PolicyConfig:
     """One ``[[policy]]`` table: the plugin ``name`` and the other keys as ``options``."""
 
@@ -161,6 +183,7 @@ class Config:
     delivery: DeliveryConfig
     policies: tuple[PolicyConfig, ...] = ()
     relay: RelayConfig = RelayConfig()
+    uucp_sites: tuple[UucpSiteConfig, ...] = ()
 
 
 def load(path: str | os.PathLike) -> Config:
@@ -205,7 +228,7 @@ def checkDomain(name: str) -> str | None:
 
 # ---------------------------------------------------------------- reading
 
-_TABLES = ("server", "smtp", "local", "store", "delivery", "policy", "relay")
+_TABLES = ("server", "smtp", "local", "store", "delivery", "policy", "relay", "uucp")
 _NO_REACTOR = object()  # parsing an endpoint string only stores the reactor
 _DEFAULT_ALIASES = {"postmaster": ["alice"], "team": ["alice", "bob"]}
 
@@ -330,6 +353,7 @@ def _read(data: dict, path: Path) -> Config:
         delivery=_readDelivery(table("delivery", tuple(DeliveryConfig.__dataclass_fields__))),
         policies=_readPolicies(fileName, data.get("policy", [])),
         relay=_readRelay(fileName, table("relay", _RELAY_KEYS), base),
+        uucp_sites=_readUucp(fileName, table("uucp", ("site",))),
     )
 
 
@@ -616,3 +640,47 @@ def _readRelay(fileName: str, t: _Table, base: Path) -> RelayConfig:
         delay_warning_after=warning,
         **seconds,
     )
+
+
+_SITE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}\Z")  # a UUCP node name, safe as a hop
+
+
+def _readUucp(fileName: str, t: _Table) -> tuple[UucpSiteConfig, ...]:
+    """``[[uucp.site]]`` tables."""
+    entries = t.data.get("site", [])
+    if not isinstance(entries, list):
+        t.fail("site", f"expected [[uucp.site]] tables, got {_show(entries)}")
+    sites: list[UucpSiteConfig] = []
+    claimed: dict[str, str] = {}
+    default = UucpSiteConfig(name="", domains=())
+    for index, entry in enumerate(entries):
+        st = _Table(fileName, f"[[uucp.site]][{index}]", entry, tuple(UucpSiteConfig.__dataclass_fields__))
+        name = st.string("name", "")
+        if not _SITE_NAME.match(name):
+            st.fail("name", f"a UUCP site name is lower-case letters, digits, - and _; got {_show(name)}")
+        if any(site.name == name for site in sites):
+            st.fail("name", f"site {name} is defined twice")
+        domains = []
+        for d, text in enumerate(st.strings("domains", [])):
+            domain = checkDomain(text)
+            if domain is None:
+                st.fail(f"domains[{d}]", f"not a valid domain name: {_show(text)}")
+            if domain in claimed:
+                st.fail(f"domains[{d}]", f"{domain} already goes to site {claimed[domain]}")
+            claimed[domain] = name
+            domains.append(domain)
+        if not domains:
+            st.fail("domains", "at least one domain is needed")
+        command = st.strings("command", list(default.command))
+        if not command:
+            st.fail("command", "expected the command to run, as an array of strings")
+        sites.append(
+            UucpSiteConfig(
+                name=name,
+                domains=tuple(domains),
+                command=command,
+                max_messages=st.integer("max_messages", default.max_messages),
+                max_bytes=st.integer("max_bytes", default.max_bytes),
+            )
+        )
+    return tuple(sites)

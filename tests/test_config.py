@@ -392,3 +392,28 @@ def test_relay_errors_name_the_key(text, message):
     with pytest.raises(ConfigError) as caught:
         loads(text, "/tmp/x/mailsvc.toml")
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_uucp_sites():
+    """[[uucp.site]]: name, domains (checked, lower-cased), command with its default, limits."""
+    text = '[[uucp.site]]\nname = "faraway"\ndomains = ["FarAway.example"]\n[[uucp.site]]\nname = "b"\ndomains = ["b.example"]\ncommand = ["cat"]\nmax_messages = 2\n'
+    a, b = loads(text, "/tmp/x/mailsvc.toml").uucp_sites
+    assert (a.name, a.domains, a.command, a.hop) == ("faraway", ("faraway.example",), ("uux", "-r", "-z", "-", "{site}!rsmtp"), "uucp.faraway")
+    assert (b.command, b.max_messages, b.max_bytes) == (("cat",), 2, 1048576)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('[[uucp.site]]\nname = "Bad Name"\ndomains = ["a.example"]', "[[uucp.site]][0] name: a UUCP site name is lower-case"),
+        ('[[uucp.site]]\nname = "a"', "[[uucp.site]][0] domains: at least one domain is needed"),
+        ('[[uucp.site]]\nname = "a"\ndomains = ["x.example"]\n[[uucp.site]]\nname = "b"\ndomains = ["x.example"]', "[[uucp.site]][1] domains[0]: x.example already goes to site a"),
+        ('[[uucp.site]]\nname = "a"\ndomains = ["x.example"]\ncommand = []', "[[uucp.site]][0] command: expected the command to run"),
+        ('[[uucp.site]]\nname = "a"\ndomains = ["x.example"]\nspeed = 9600', "[[uucp.site]][0] speed: unknown key"),
+    ],
+)
+def test_uucp_errors_name_the_key(text, message):
+    """[[uucp.site]] mistakes stop with one line naming the key."""
+    with pytest.raises(ConfigError) as caught:
+        loads(text, "/tmp/x/mailsvc.toml")
+    assert message in str(caught.value)
