@@ -199,6 +199,40 @@ class ISpool(Interface):
     def remove(message):
         """Remove ``message`` (every recipient is done)."""
 
+    def held():
+        """Every ``QueuedMessage`` on hold (a list). ``queued()`` and
+        ``recover()`` do not list them; ``recover()`` keeps them."""
+
+    def find(id):
+        """The message with queue ID ``id`` in every hop that has it, queued
+        or held: a list of ``(QueuedMessage, held)`` pairs, ``[]`` if none.
+
+        :raise ValueError: ``id`` is not a queue ID.
+        """
+
+    def size(message):
+        """The size in octets of the data of ``message`` (0 if it is gone)."""
+
+    def hold(hop, id):
+        """Put the queued message ``id`` of ``hop`` on hold: it is kept but
+        not delivered until released; a later ``update`` of it fails.
+
+        :raise mailsvc.errors.SpoolError: it is not queued there.
+        """
+
+    def release(hop, id):
+        """Take the message ``id`` of ``hop`` off hold; return its ``QueuedMessage``.
+
+        :raise mailsvc.errors.SpoolError: it is not on hold there.
+        """
+
+    def delete(hop, id):
+        """Remove the message ``id`` of ``hop``, queued or held, at once.
+
+        :raise mailsvc.errors.SpoolError: there is no such message there.
+        """
+
+
 
 # ---------------------------------------------------------------- delivery
 

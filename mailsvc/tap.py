@@ -18,6 +18,7 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 
 from mailsvc import config as configuration
+from mailsvc.control import ControlService
 from mailsvc.delivery.bounce import Bouncer
 from mailsvc.delivery.local import LocalDeliveryAgent
 from mailsvc.delivery.router import LOCAL
@@ -143,6 +144,7 @@ def build(cfg: configuration.Config, reactor) -> service.MultiService:
         endpoint = endpoints.serverFromString(reactor, description)
         StreamServerEndpointService(endpoint, factory).setServiceParent(top)
     GoodbyeService(factory).setServiceParent(top)  # stopped first (reverse order)
+    ControlService(spool, runner, cfg.server.control_socket, reactor).setServiceParent(top)
     return top
 
 

@@ -84,6 +84,11 @@ class QueueRunner:
         # them before the change, so its copy is stale.
         self._changed_during_scan: set[tuple[str, str]] = set()
         self._idle: list[defer.Deferred] = []
+        # Queue control (mailsvc.control): keys on hold or being deleted are
+        # never enqueued nor scheduled; each flush reading the spool watches
+        # for keys whose state changed meanwhile (as a scan does).
+        self._suspended: set[tuple[str, str]] = set()
+        self._flush_watchers: list[set[tuple[str, str]]] = []
 
     # ------------------------------------------------------------ control
 
@@ -129,10 +134,64 @@ class QueueRunner:
         if self._running:
             self._enqueue(message)
 
+    def flush(self, predicate: Callable[[QueuedMessage], bool] | None = None) -> defer.Deferred:
+        """Try now every queued message with a pending recipient for which
+        ``predicate(message)`` is true (every one when ``None``), whatever
+        its next attempt time: ``mailsvc queue flush`` (as ETRN asks a
+        server to start its queue for a domain, rfc1985).
+
+        Reads the spool (held messages are not in it). Fires with the
+        number of messages now being tried (those already in flight or in
+        line count too).
+        """
+        if not self._running:
+            return defer.succeed(0)
+        changed: set[tuple[str, str]] = set()
+        self._flush_watchers.append(changed)
+        d = self._blocking(self._spool.queued)
+
+        def read(messages) -> int:
+            count = 0
+            for message in messages:
+                key = _key(message)
+                if not _pending(message) or key in self._suspended:
+                    continue
+                if predicate is not None and not predicate(message):
+                    continue
+                if key in self._inflight or key in self._waiting:
+                    count += 1  # already being tried
+                elif key not in changed and self._running:  # else: tried while we read, our copy is stale
+                    self._enqueue(message)  # may even be delivered before this returns
+                    count += 1
+            return count
+
+        def done(result):
+            self._flush_watchers.remove(changed)
+            return result
+
+        return d.addCallback(read).addBoth(done)
+
+    def suspend(self, hop: str, id: str) -> None:
+        """Stop trying ``(hop, id)`` until ``resume``: drop its timer and its
+        place in line; nothing enqueues or schedules it meanwhile. Used
+        while the message is put on hold or deleted. A delivery in flight
+        ends normally; its new state is saved only if the spool still has
+        the message queued (``update`` of a held message fails)."""
+        key = (hop, id)
+        self._suspended.add(key)
+        self._cancel_timer(key)
+        self._waiting.pop(key, None)
+
+    def resume(self, hop: str, id: str) -> None:
+        """Undo ``suspend``: the next scan finds the message if it is queued and due."""
+        self._suspended.discard((hop, id))
+
     # ------------------------------------------------------------ scheduling
 
     def _schedule_message(self, message: QueuedMessage) -> None:
         """Enqueue ``message`` if due, else set a timer for when it is."""
+        if _key(message) in self._suspended:
+            return
         pending = _pending(message)
         if not pending:
             self._finish_done(message)
@@ -159,7 +218,7 @@ class QueueRunner:
         if not self._running:
             return
         key = _key(message)
-        if key in self._inflight or key in self._waiting:
+        if key in self._inflight or key in self._waiting or key in self._suspended:
             return
         self._cancel_timer(key)
         self._waiting[key] = message
@@ -175,6 +234,8 @@ class QueueRunner:
         self._inflight.discard(key)
         if self._scanning:
             self._changed_during_scan.add(key)
+        for changed in self._flush_watchers:
+            changed.add(key)
         if not self._inflight and self._idle:
             waiters, self._idle = self._idle, []
             for d in waiters:
@@ -329,6 +390,16 @@ class QueueRunner:
     def _save_failed(self, failure: Failure, action: str, message: QueuedMessage) -> None:
         # The old state stays on disk: recipients may be tried again (at
         # least once, never lost; DESIGN rule 1).
+        if _key(message) in self._suspended:
+            # Put on hold or deleted during this delivery: the spool refused
+            # to bring it back, as it should. Dropped here; not an error.
+            self._log.info(
+                "id={id} hop={hop} was held or deleted during delivery; its new state is not saved ({error})",
+                id=message.id,
+                hop=message.hop,
+                error=failure.getErrorMessage(),
+            )
+            return
         self._log.failure(
             "spool {action} of {hop}/{id} failed", failure, action=action, hop=message.hop, id=message.id
         )

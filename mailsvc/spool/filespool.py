@@ -6,10 +6,17 @@ Layout under the spool directory::
     <hop>/D.<id>        the message data, exactly the octets received (CRLF)
     <hop>/C.<id>        its control file (mailsvc.spool.control); the commit point
     <hop>/C.<id>.tmp    a control file being written
+    <hop>/H.<id>        the control file of a message on hold: kept, not delivered
     corrupt/<hop>.C.<id>  control files recovery could not use, kept for a person
 
 A message routed to several hops has one data file hard-linked into each hop
 directory and one control file per hop, holding that hop's recipients.
+
+Holding a message (``mailsvc queue hold``) renames its ``C.`` to ``H.`` in
+the same directory, so ``queued()`` no longer lists it; ``release`` renames it
+back. Renames of control files are serialised by a lock, so an ``update``
+racing a ``hold`` either lands before it or fails: it never brings back a
+``C.`` beside an ``H.``.
 
 rfc5321 6.1: once the server says 250 after the data, it has taken
 responsibility for the message, so ``commit`` returns only when data,
@@ -285,6 +292,7 @@ class FileSpool:
         self.directory = pathlib.Path(directory)
         self._log = log or logging.getLogger(__name__).warning
         self._active: set[str] = set()  # ids being written or committed
+        self._renaming = threading.RLock()  # C./H. renames: update, hold, release, delete
         (self.directory / "tmp").mkdir(mode=0o700, parents=True, exist_ok=True)
 
     # -------------------------------------------------------- receiving
@@ -310,6 +318,7 @@ class FileSpool:
         Removes temporary files and data files without a control file (the
         crash came before the commit point). A control file without data,
         or one that cannot be read, is logged and moved to ``corrupt/``.
+        Held messages (``H.`` and their ``D.``) are kept and not returned.
         Files of messages being received now by this spool are left alone.
         """
         # A message this spool is receiving or updating stays alone. Commit
@@ -325,14 +334,20 @@ class FileSpool:
         messages = []
         for hop, hop_dir in self._hop_dirs():
             controls, datas, temps = self._listing(hop_dir)
+            held = self._held_ids(hop_dir)
             for name in temps:
                 if name[2:].partition(".")[0] not in active:
                     _unlink_quietly(hop_dir / name)
                     touched.add(hop_dir)
-            for id in datas - controls:
-                if id not in active and not (hop_dir / f"C.{id}").exists():
+            # A held message (H.) keeps its data; it is not returned.
+            for id in datas - controls - held:
+                if id not in active and not self._has_control(hop_dir, id):
                     _unlink_quietly(hop_dir / f"D.{id}")
                     touched.add(hop_dir)
+            for id in sorted(held - datas):
+                if not (hop_dir / f"D.{id}").exists():
+                    self._log(f"spool: {hop}/H.{id} has no data file D.{id}; moved to corrupt/")
+                    self._move_aside(hop, f"H.{id}")
             for id in sorted(controls):
                 if id not in datas and not (hop_dir / f"D.{id}").exists():
                     self._log(f"spool: {hop}/C.{id} has no data file D.{id}; moved to corrupt/")
@@ -389,32 +404,116 @@ class FileSpool:
         hop_dir = self._hop_dir(message.hop)
         final = hop_dir / f"C.{_check_id(message.id)}"
         temp = hop_dir / f"C.{message.id}.tmp"
-        if not final.exists():
-            raise SpoolError(f"{message.hop}/C.{message.id} is not in the spool")
-        self._active.add(message.id)  # recover() leaves the temp file alone
-        try:
-            _write_file(temp, control.dump(message))
-            os.rename(temp, final)
-            _fsync_dir(hop_dir)
-        except OSError as e:
-            _unlink_quietly(temp)
-            raise _spool_error(f"cannot update {message.hop}/C.{message.id}", e) from e
-        finally:
-            self._active.discard(message.id)
+        with self._renaming:  # a held message (H.) is not brought back as C.
+            if not final.exists():
+                raise SpoolError(f"{message.hop}/C.{message.id} is not in the spool")
+            self._active.add(message.id)  # recover() leaves the temp file alone
+            try:
+                _write_file(temp, control.dump(message))
+                os.rename(temp, final)
+                _fsync_dir(hop_dir)
+            except OSError as e:
+                _unlink_quietly(temp)
+                raise _spool_error(f"cannot update {message.hop}/C.{message.id}", e) from e
+            finally:
+                self._active.discard(message.id)
 
     def remove(self, message: QueuedMessage) -> None:
-        """Remove ``message``: its control file first, then its data."""
+        """Remove ``message``: its control file first (``C.``, or ``H.`` if it
+        was put on hold meanwhile), then its data."""
         hop_dir = self._hop_dir(message.hop)
         id = _check_id(message.id)
         try:
-            for name in (f"C.{id}", f"D.{id}"):
-                try:
-                    os.unlink(hop_dir / name)
-                except FileNotFoundError:
-                    pass
+            with self._renaming:
+                for name in (f"C.{id}", f"H.{id}", f"D.{id}"):
+                    try:
+                        os.unlink(hop_dir / name)
+                    except FileNotFoundError:
+                        pass
             _fsync_dir(hop_dir)
         except OSError as e:
             raise _spool_error(f"cannot remove {message.hop}/{id}", e) from e
+
+    # -------------------------------------------------------- queue control
+
+    def held(self) -> list[QueuedMessage]:
+        """Every message on hold (``H.`` with its ``D.``), oldest first; changes nothing."""
+        messages = []
+        for hop, hop_dir in self._hop_dirs():
+            datas = self._listing(hop_dir)[1]
+            for id in sorted(self._held_ids(hop_dir) & datas):
+                try:
+                    messages.append(self._load(hop, id, "H"))
+                except FileNotFoundError:
+                    continue  # released or deleted while we looked
+                except ValueError as e:
+                    self._log(f"spool: {e}")
+        return sorted(messages, key=lambda m: (m.id, m.hop))
+
+    def find(self, id: str) -> list[tuple[QueuedMessage, bool]]:
+        """The message ``id`` in every hop that has it: ``(message, held)`` pairs.
+
+        ``[]`` when no hop has it. :raise ValueError: ``id`` is not a queue ID.
+        """
+        _check_id(id)
+        found = []
+        for hop, hop_dir in self._hop_dirs():
+            for prefix in ("C", "H"):
+                if (hop_dir / f"{prefix}.{id}").exists():
+                    try:
+                        found.append((self._load(hop, id, prefix), prefix == "H"))
+                    except FileNotFoundError:
+                        continue
+                    except ValueError as e:
+                        self._log(f"spool: {e}")
+        return found
+
+    def size(self, message: QueuedMessage) -> int:
+        """Octets in the data file of ``message`` (0 if it is gone)."""
+        try:
+            return os.stat(self._hop_dir(message.hop) / f"D.{_check_id(message.id)}").st_size
+        except FileNotFoundError:
+            return 0
+
+    def hold(self, hop: str, id: str) -> None:
+        """Put a queued message on hold: rename ``C.<id>`` to ``H.<id>``.
+
+        :raise SpoolError: it is not queued in ``hop`` (or the rename failed).
+        """
+        self._rename_control(hop, id, "C", "H", "hold")
+
+    def release(self, hop: str, id: str) -> QueuedMessage:
+        """Take a message off hold (``H.<id>`` back to ``C.<id>``); return it.
+
+        :raise SpoolError: it is not on hold in ``hop`` (or the rename failed).
+        """
+        self._rename_control(hop, id, "H", "C", "release")
+        return self._load(hop, id)
+
+    def delete(self, hop: str, id: str) -> None:
+        """Remove a message, queued or held, whatever its recipients' state.
+
+        :raise SpoolError: ``hop`` has no such message (or it cannot be removed).
+        """
+        hop_dir = self._hop_dir(hop)
+        _check_id(id)
+        with self._renaming:
+            if not self._has_control(hop_dir, id):
+                raise SpoolError(f"{hop}/{id} is not in the spool")
+            self.remove(QueuedMessage(hop=hop, id=id, envelope=Envelope(sender="", recipients=())))
+
+    def _rename_control(self, hop: str, id: str, old: str, new: str, action: str) -> None:
+        hop_dir = self._hop_dir(hop)
+        source = hop_dir / f"{old}.{_check_id(id)}"
+        with self._renaming:
+            if not source.exists():
+                state = "queued" if old == "C" else "on hold"
+                raise SpoolError(f"{hop}/{id} is not {state}")
+            try:
+                os.rename(source, hop_dir / f"{new}.{id}")
+                _fsync_dir(hop_dir)
+            except OSError as e:
+                raise _spool_error(f"cannot {action} {hop}/{id}", e) from e
 
     # -------------------------------------------------------- helpers
 
@@ -444,8 +543,19 @@ class FileSpool:
                 (controls if name[0] == "C" else datas).add(name[2:])
         return controls, datas, temps
 
-    def _load(self, hop: str, id: str) -> QueuedMessage:
-        data = (self.directory / hop / f"C.{id}").read_bytes()
+    @staticmethod
+    def _held_ids(hop_dir: pathlib.Path) -> set[str]:
+        """The ids with an ``H.`` (held) control file."""
+        return {
+            name[2:] for name in os.listdir(hop_dir) if name.startswith("H.") and _ID_RE.fullmatch(name[2:])
+        }
+
+    @staticmethod
+    def _has_control(hop_dir: pathlib.Path, id: str) -> bool:
+        return (hop_dir / f"C.{id}").exists() or (hop_dir / f"H.{id}").exists()
+
+    def _load(self, hop: str, id: str, prefix: str = "C") -> QueuedMessage:
+        data = (self.directory / hop / f"{prefix}.{id}").read_bytes()
         return control.load(data, hop, id)
 
     def _move_aside(self, hop: str, name: str) -> None:
