@@ -21,8 +21,9 @@ from mailsvc import config as configuration
 from mailsvc.control import ControlService
 from mailsvc.delivery.bounce import Bouncer
 from mailsvc.delivery.local import LocalDeliveryAgent
-from mailsvc.delivery.router import LOCAL
+from mailsvc.delivery.router import LOCAL, Router
 from mailsvc.delivery.runner import QueueRunner
+from mailsvc.delivery.uucp import UucpAgent
 from mailsvc.errors import ConfigError
 from mailsvc.interfaces import IMailboxStoreFactory, IPolicyFactory, IRecipientDirectoryFactory
 from mailsvc.protocol import SMTPServerFactory
@@ -100,10 +101,15 @@ def build(cfg: configuration.Config, reactor) -> service.MultiService:
     spool_log = Logger(namespace="mailsvc.spool")
     spool = FileSpool(cfg.server.spool_dir, log=lambda text: spool_log.warn("{text}", text=text))
     delivery = cfg.delivery
-    bouncer = Bouncer(spool, directory, cfg.server.hostname, submit=lambda m: runner.submit(m), run_blocking=run_blocking)
+    # Mail for a [[uucp.site]] domain is spooled under the site's hop (uucp.<name>).
+    router = Router({domain: site.hop for site in cfg.uucp_sites for domain in site.domains})
+    bouncer = Bouncer(spool, directory, cfg.server.hostname, submit=lambda m: runner.submit(m), run_blocking=run_blocking, routes=router.routes)
     runner = QueueRunner(
         spool,
-        {LOCAL: LocalDeliveryAgent(store, spool, run_blocking)},
+        {
+            LOCAL: LocalDeliveryAgent(store, spool, run_blocking),
+            **{site.hop: UucpAgent(site, spool, reactor, hostname=cfg.server.hostname) for site in cfg.uucp_sites},
+        },
         reactor,
         RetrySchedule(first=delivery.retry_first, maximum=delivery.retry_max, give_up_after=delivery.give_up_after),
         scan_interval=delivery.scan_interval,
@@ -125,6 +131,7 @@ def build(cfg: configuration.Config, reactor) -> service.MultiService:
         submit=runner.submit,
         run_blocking=run_blocking,
         policies=policies,
+        router=router,
     )
     factory = SMTPServerFactory(
         context,
