@@ -21,7 +21,9 @@ from mailsvc import config as configuration
 from mailsvc.control import ControlService
 from mailsvc.delivery.bounce import Bouncer
 from mailsvc.delivery.local import LocalDeliveryAgent
-from mailsvc.delivery.router import LOCAL, Router
+from mailsvc.delivery.mx import MXResolver
+from mailsvc.delivery.relay import RelayAgent, endpoint_connector
+from mailsvc.delivery.router import LOCAL, RELAY, Router
 from mailsvc.delivery.runner import QueueRunner
 from mailsvc.delivery.uucp import UucpAgent
 from mailsvc.errors import ConfigError
@@ -84,6 +86,18 @@ class GoodbyeService(service.Service):
         self.factory.shutdown()
 
 
+def _dns_resolver(server: str):
+    """The ``twisted.names`` resolver for MX lookups: ``[relay] resolver``
+    ("host:port") when set, else the system's (/etc/resolv.conf). It runs on
+    the global reactor (``createResolver`` takes none)."""
+    from twisted.names import client
+
+    if not server:
+        return client.createResolver()
+    host, _, port = server.rpartition(":")
+    return client.createResolver(servers=[(host.strip("[]"), int(port))])
+
+
 def build(cfg: configuration.Config, reactor) -> service.MultiService:
     """The whole service tree for ``cfg``, on ``reactor``."""
     where = cfg.path.name  # config errors name the file, then the key
@@ -104,10 +118,22 @@ def build(cfg: configuration.Config, reactor) -> service.MultiService:
     # Mail for a [[uucp.site]] domain is spooled under the site's hop (uucp.<name>).
     router = Router({domain: site.hop for site in cfg.uucp_sites for domain in site.domains})
     bouncer = Bouncer(spool, directory, cfg.server.hostname, submit=lambda m: runner.submit(m), run_blocking=run_blocking, routes=router.routes)
+    relay = cfg.relay
+    resolver = _dns_resolver(relay.resolver)
+    relay_agent = RelayAgent(
+        relay,
+        MXResolver(resolver, our_hostnames={cfg.server.hostname}),
+        endpoint_connector(reactor),
+        reactor,
+        spool,
+        relay.helo_name or cfg.server.hostname,
+        run_blocking=run_blocking,
+    )
     runner = QueueRunner(
         spool,
         {
             LOCAL: LocalDeliveryAgent(store, spool, run_blocking),
+            RELAY: relay_agent,
             **{site.hop: UucpAgent(site, spool, reactor, hostname=cfg.server.hostname) for site in cfg.uucp_sites},
         },
         reactor,
