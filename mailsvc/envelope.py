@@ -11,6 +11,17 @@ import enum
 from dataclasses import dataclass, field, replace
 
 
+class Delivered(enum.Enum):
+    """How a delivery agent succeeded, for the success report (rfc3461 5.2).
+
+    An agent's ``None`` means ``DELIVERED``.
+    """
+
+    DELIVERED = "delivered"  # final delivery here: report "delivered" if asked
+    RELAYED = "relayed"  # passed to a next hop that does not do DSN: report "relayed" if asked
+    PASSED_ON = "passed-on"  # passed to a DSN-capable next hop with NOTIFY: it reports, not us
+
+
 class RecipientState(enum.Enum):
     """Where one recipient of a queued message stands."""
 
@@ -40,6 +51,8 @@ class Recipient:
     # rfc3461 4.1 NOTIFY as the client gave it ("NEVER", "SUCCESS,DELAY"...);
     # "" when not given (then failures and delays are reported).
     notify: str = ""
+    # A delay warning (rfc3464 Action: delayed) was sent for this recipient.
+    warned: bool = False
 
     def evolve(self, **changes) -> "Recipient":
         """A copy with some fields changed."""

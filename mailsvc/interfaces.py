@@ -244,7 +244,8 @@ class IDeliveryAgent(Interface):
         """Try every PENDING recipient of ``message`` (a ``QueuedMessage``).
 
         :return: a Deferred firing with a mapping from recipient address to
-            ``None`` (delivered) or a ``mailsvc.errors.DeliveryError`` (its
-            ``permanent`` says whether to retry). It never errbacks for a
-            per-recipient failure.
+            ``None`` (delivered), a ``mailsvc.envelope.Delivered`` (delivered,
+            saying which success report is due: rfc3461 5.2), or a
+            ``mailsvc.errors.DeliveryError`` (its ``permanent`` says whether
+            to retry). It never errbacks for a per-recipient failure.
         """

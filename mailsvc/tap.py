@@ -117,7 +117,8 @@ def build(cfg: configuration.Config, reactor) -> service.MultiService:
     delivery = cfg.delivery
     # Mail for a [[uucp.site]] domain is spooled under the site's hop (uucp.<name>).
     router = Router({domain: site.hop for site in cfg.uucp_sites for domain in site.domains})
-    bouncer = Bouncer(spool, directory, cfg.server.hostname, submit=lambda m: runner.submit(m), run_blocking=run_blocking, routes=router.routes)
+    bouncer = Bouncer(spool, directory, cfg.server.hostname, submit=lambda m: runner.submit(m), run_blocking=run_blocking, routes=router.routes,
+        give_up_after=delivery.give_up_after)
     relay = cfg.relay
     resolver = _dns_resolver(relay.resolver)
     relay_agent = RelayAgent(
@@ -142,6 +143,7 @@ def build(cfg: configuration.Config, reactor) -> service.MultiService:
         concurrency=delivery.concurrency,
         run_blocking=run_blocking,  # spool updates fsync: keep them off the reactor thread
         reporter=bouncer.report,
+        delay_warning_after=cfg.relay.delay_warning_after,
     )
     smtp = cfg.smtp
     context = ReceiverContext(

@@ -137,3 +137,79 @@ def test_default_notify_sends_no_success_report(tmp_path):
     spool, store, runner = system(tmp_path)
     runner.submit(queue(spool, "carol@example.test", "bob"))
     assert list(store.messages) == ["bob"]
+
+
+def test_success_report_follows_the_agents_answer(tmp_path):
+    """rfc3461 5.2: a relay without DSN gives a 'relayed' report; a DSN-capable
+    next hop took the request over, so we send none."""
+    from mailsvc.envelope import Delivered
+
+    for answer, expected in [(Delivered.RELAYED, [("relayed", ["x@far.test"])]), (Delivered.PASSED_ON, [])]:
+        clock = task.Clock()
+        spool = FileSpool(tmp_path / answer.value)
+        reports = []
+
+        class Agent:
+            def deliver(self, message):
+                return defer.succeed({r.address: answer for r in message.envelope.recipients})
+
+        runner = QueueRunner(spool, {"relay": Agent()}, clock, RetrySchedule(),
+                             reporter=lambda m, rs, action: reports.append((action, [r.address for r in rs])))
+        runner.start()
+        writer = spool.newMessage()
+        writer.write(ORIGINAL)
+        r = Recipient("x@far.test", notify="SUCCESS")
+        runner.submit(writer.commit(Envelope(sender="carol@example.test", recipients=(r,), received_at=1.0), {"relay": (r,)})[0])
+        assert reports == expected and spool.queued() == []
+
+
+def test_delay_warning_is_sent_once(tmp_path):
+    """rfc3464 Action: delayed, once, when a recipient is still pending after
+    delay_warning_after; the flag survives in the control file."""
+    clock = task.Clock()
+    clock.advance(1_790_000_000)
+    spool = FileSpool(tmp_path / "spool")
+    reports = []
+
+    class Busy:
+        def deliver(self, message):
+            from mailsvc.errors import TemporaryDeliveryError
+
+            return defer.succeed({r.address: TemporaryDeliveryError("busy", "4.2.0") for r in message.envelope.recipients})
+
+    runner = QueueRunner(spool, {"relay": Busy()}, clock, RetrySchedule(first=600, maximum=600),
+                         reporter=lambda m, rs, action: reports.append((action, [r.address for r in rs])),
+                         delay_warning_after=1000)
+    runner.start()
+    writer = spool.newMessage()
+    writer.write(ORIGINAL)
+    r = Recipient("x@far.test")
+    runner.submit(writer.commit(Envelope(sender="carol@example.test", recipients=(r,), received_at=clock.seconds()), {"relay": (r,)})[0])
+    assert reports == []  # first try: not late yet
+    clock.advance(600)  # second try at 600 s: still not late
+    assert reports == []
+    clock.advance(600)  # third try at 1200 s: late, warn
+    assert reports == [("delayed", ["x@far.test"])]
+    assert spool.queued()[0].envelope.recipients[0].warned
+    clock.advance(600)  # fourth try: already warned
+    assert reports == [("delayed", ["x@far.test"])]
+
+
+def test_delay_report_says_when_retries_end(tmp_path):
+    """The delayed report carries Will-Retry-Until = arrival + give_up_after."""
+    spool = FileSpool(tmp_path / "spool")
+    store = RecordingStore()
+    directory = TableDirectory(users=("carol",), aliases={"postmaster": ["carol"]})
+    queued = []
+    bouncer = Bouncer(spool, directory, "mx.test", submit=queued.append, now=lambda: 1_790_014_400.0, give_up_after=432000)
+    writer = spool.newMessage()
+    writer.write(ORIGINAL)
+    r = Recipient("x@far.test", last_error="4.4.1 host mx.far.test said: 421 4.4.1 try later")
+    message = writer.commit(Envelope(sender="carol@example.test", recipients=(r,), received_at=1_790_000_000.0), {"relay": (r,)})[0]
+    result = []
+    bouncer.report(message, [r], "delayed").addCallback(result.append)
+    [[report]] = result
+    with spool.open(report) as f:
+        fields = report_of(f.read()).get_payload()[1].get_payload()[1]
+    assert fields["Action"] == "delayed" and fields["Status"] == "4.4.1"
+    assert fields["Will-Retry-Until"] == "Sat, 26 Sep 2026 14:13:20 +0000"  # 1_790_000_000 + 5 days

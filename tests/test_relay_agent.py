@@ -24,7 +24,7 @@ from mailsvc.config import RelayConfig, RouteConfig
 from mailsvc.delivery.bounce import outcome_of
 from mailsvc.delivery.mx import Host, MXResult
 from mailsvc.delivery.relay import RelayAgent
-from mailsvc.envelope import Envelope, LocalMailbox, Recipient
+from mailsvc.envelope import Delivered, Envelope, LocalMailbox, Recipient
 from mailsvc.errors import PermanentDeliveryError, TemporaryDeliveryError
 from mailsvc.interfaces import IDeliveryAgent, IPolicy, IRecipientDirectory
 from mailsvc.policy import Verdict
@@ -37,6 +37,8 @@ from mailsvc.spool.filespool import FileSpool
 
 NOW = 1_790_000_000.0
 HEADERS = b"From: carol@example.test\r\nTo: alice@remote.test\r\nSubject: relay test\r\n\r\n"
+
+PASSED_ON, RELAYED = Delivered.PASSED_ON, Delivered.RELAYED  # a success: DSN-capable peer or not
 
 
 # ---------------------------------------------------------------- the peer: our server
@@ -361,7 +363,7 @@ def test_delivered_byte_exact_to_our_server(tmp_path):
     relay = Relay(tmp_path)
     peer = relay.net.add("192.0.2.25", 25, Peer(tmp_path / "peer", relay.clock))
     message = relay.queue(HEADERS + b"Hello there.\r\n")
-    assert result_of(relay.deliver(message)) == {"alice@remote.test": None}
+    assert result_of(relay.deliver(message)) == {"alice@remote.test": PASSED_ON}
     [(envelope, data)] = peer.received()
     assert data == relay.wire(message)
     assert envelope.sender == "carol@example.test"
@@ -378,7 +380,7 @@ def test_per_recipient_550_and_250(tmp_path):
     peer = relay.net.add("192.0.2.25", 25, Peer(tmp_path / "peer", relay.clock))
     message = relay.queue(HEADERS + b"x\r\n", recipients=("alice@remote.test", "nobody@remote.test"))
     results = result_of(relay.deliver(message))
-    assert results["alice@remote.test"] is None
+    assert results["alice@remote.test"] is PASSED_ON
     error = results["nobody@remote.test"]
     assert isinstance(error, PermanentDeliveryError) and error.status == "5.1.1"
     assert str(error) == "5.1.1 host mx.remote.test said: 550 5.1.1 <nobody@remote.test>: no such user here"
@@ -395,7 +397,7 @@ def test_451_to_rcpt_is_temporary(tmp_path):
     relay.net.add("192.0.2.25", 25, Peer(tmp_path / "peer", relay.clock, policies=[DeferRecipient("bob@remote.test")]))
     message = relay.queue(HEADERS + b"x\r\n", recipients=("alice@remote.test", "bob@remote.test"))
     results = result_of(relay.deliver(message))
-    assert results["alice@remote.test"] is None
+    assert results["alice@remote.test"] is PASSED_ON
     error = results["bob@remote.test"]
     assert isinstance(error, TemporaryDeliveryError)
     assert str(error) == "4.7.1 host mx.remote.test said: 451 4.7.1 greylisted, try again later"
@@ -407,7 +409,7 @@ def test_421_greeting_tries_the_next_address(tmp_path):
     busy = relay.net.add("192.0.2.1", 25, Scripted(greeting=b"421 4.3.2 busy, come back later"))
     peer = relay.net.add("192.0.2.2", 25, Peer(tmp_path / "peer", relay.clock))
     message = relay.queue(HEADERS + b"x\r\n")
-    assert result_of(relay.deliver(message)) == {"alice@remote.test": None}
+    assert result_of(relay.deliver(message)) == {"alice@remote.test": PASSED_ON}
     assert relay.net.attempts == [("192.0.2.1", 25), ("192.0.2.2", 25)]
     assert "commands" not in busy.script  # nothing was said after the 421
     assert len(peer.received()) == 1
@@ -419,7 +421,7 @@ def test_connection_refused_tries_the_second_address(tmp_path):
     relay = Relay(tmp_path, mx={"remote.test": [("mx.remote.test", ["192.0.2.1", "192.0.2.2"])]})
     peer = relay.net.add("192.0.2.2", 25, Peer(tmp_path / "peer", relay.clock))
     message = relay.queue(HEADERS + b"x\r\n")
-    assert result_of(relay.deliver(message)) == {"alice@remote.test": None}
+    assert result_of(relay.deliver(message)) == {"alice@remote.test": PASSED_ON}
     assert relay.net.attempts == [("192.0.2.1", 25), ("192.0.2.2", 25)]
     assert len(peer.received()) == 1
 
@@ -485,7 +487,7 @@ def test_received_in_the_body_is_not_counted(tmp_path):
     peer = relay.net.add("192.0.2.25", 25, Peer(tmp_path / "peer", relay.clock))
     body = b"".join(b"Received: quoted in the body\r\n" for _ in range(10))
     message = relay.queue(HEADERS + body)
-    assert result_of(relay.deliver(message)) == {"alice@remote.test": None}
+    assert result_of(relay.deliver(message)) == {"alice@remote.test": PASSED_ON}
     assert len(peer.received()) == 1
 
 
@@ -506,7 +508,7 @@ def test_8bit_message_and_size_are_declared(tmp_path):
     relay = Relay(tmp_path)
     script = relay.net.add("192.0.2.25", 25, Scripted()).script
     message = relay.queue(HEADERS + "Grüße\r\n".encode(), parameters=(("BODY", "8BITMIME"),))
-    assert result_of(relay.deliver(message)) == {"alice@remote.test": None}
+    assert result_of(relay.deliver(message)) == {"alice@remote.test": RELAYED}
     size = len(relay.wire(message))
     assert f"MAIL FROM:<carol@example.test> SIZE={size} BODY=8BITMIME" in script["commands"]
     assert script["messages"] == [relay.wire(message)]
@@ -560,7 +562,7 @@ def test_five_megabytes_streamed_byte_exact(tmp_path):
     line = b"0123456789abcdefghijklmnopqrstuvwxyz" * 2 + b"\r\n"
     body = line * (5 * 1024 * 1024 // len(line) + 1)
     message = relay.queue(HEADERS + body)
-    assert result_of(relay.deliver(message)) == {"alice@remote.test": None}
+    assert result_of(relay.deliver(message)) == {"alice@remote.test": PASSED_ON}
     [(_, data)] = peer.received()
     assert len(data) > 5 * 1024 * 1024
     assert hashlib.sha256(data).digest() == hashlib.sha256(relay.wire(message)).digest()
@@ -594,7 +596,7 @@ def test_dot_stuffing(tmp_path):
     wire = relay.wire(message)
     assert wire[CHUNK_SIZE : CHUNK_SIZE + 6] == b".first"
     assert wire[2 * CHUNK_SIZE - 1 : 2 * CHUNK_SIZE + 2] == b"\r\n."
-    assert result_of(relay.deliver(message)) == {"alice@remote.test": None}
+    assert result_of(relay.deliver(message)) == {"alice@remote.test": PASSED_ON}
     [(_, data)] = peer.received()
     assert data == relay.wire(message)
 
@@ -626,7 +628,8 @@ def test_static_route_and_smarthost(tmp_path):
     other = relay.net.add("smart.test", 587, Scripted()).script
     message = relay.queue(HEADERS + b"x\r\n", recipients=("alice@remote.test", "x@elsewhere.test"))
     results = result_of(relay.deliver(message))
-    assert results == {"alice@remote.test": None, "x@elsewhere.test": None}
+    # Our server (the route) offers DSN; the scripted smarthost does not.
+    assert results == {"alice@remote.test": PASSED_ON, "x@elsewhere.test": RELAYED}
     assert sorted(relay.net.attempts) == [("route.test", 2525), ("smart.test", 587)]
     assert "RCPT TO:<x@elsewhere.test>" in other["commands"]
     assert relay.mx.asked == []
@@ -638,7 +641,7 @@ def test_connection_caps(tmp_path):
     relay = Relay(tmp_path, mx=mx, max_connections=1)
     scripts = [relay.net.add(f"192.0.2.{i}", 25, Scripted()).script for i in (1, 2, 3)]
     message = relay.queue(HEADERS + b"x\r\n", recipients=("u@a.test", "u@b.test", "u@c.test"))
-    assert result_of(relay.deliver(message)) == {"u@a.test": None, "u@b.test": None, "u@c.test": None}
+    assert result_of(relay.deliver(message)) == {"u@a.test": RELAYED, "u@b.test": RELAYED, "u@c.test": RELAYED}
     assert relay.net.most_open == 1
     assert all(len(s["messages"]) == 1 for s in scripts)
 
@@ -708,3 +711,16 @@ def test_session_error_on_lost_connection(tmp_path):
     client.ready.addErrback(failures.append)
     assert failures and failures[0].check(SMTPSessionError)
     assert failures[0].value.transient
+
+
+def test_dsn_request_is_passed_to_a_dsn_peer(tmp_path):
+    """rfc3461 5.2.1: NOTIFY and ORCPT reach a peer that offers DSN; the result says it was passed on."""
+    relay = Relay(tmp_path)
+    peer = relay.net.add("192.0.2.25", 25, Peer(tmp_path / "peer", relay.clock))
+    message = relay.queue(HEADERS + b"x\r\n")
+    r = Recipient("alice@remote.test", original="Alice@old.test", notify="SUCCESS,FAILURE")
+    message = message.evolve(envelope=message.envelope.evolve(recipients=(r,)))
+    assert result_of(relay.deliver(message)) == {"alice@remote.test": PASSED_ON}
+    [(envelope, _)] = peer.received()
+    [got] = envelope.recipients
+    assert (got.notify, got.original) == ("SUCCESS,FAILURE", "Alice@old.test")

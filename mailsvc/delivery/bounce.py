@@ -68,6 +68,7 @@ class Bouncer:
         run_blocking: Callable = defer.maybeDeferred,
         now: Callable[[], float] = time.time,
         routes: Callable = router.routes,
+        give_up_after: float = 0,
     ) -> None:
         self.spool = spool
         self.directory = directory
@@ -76,6 +77,7 @@ class Bouncer:
         self.run_blocking = run_blocking
         self.now = now
         self.routes = routes  # Router.routes: which hop each report recipient goes to
+        self.give_up_after = give_up_after  # for Will-Retry-Until in delay reports
 
     @defer.inlineCallbacks
     def report(self, message: QueuedMessage, recipients: Sequence[Recipient], action: str = "failed"):
@@ -123,7 +125,10 @@ class Bouncer:
         """Blocking: build the report from the original and commit it."""
         now = self.now()
         with self.spool.open(message) as original:
-            data = build_dsn(self.hostname, message.envelope, outcomes, original, now, action=action)
+            retry_until = None
+            if action == "delayed" and self.give_up_after:
+                retry_until = message.envelope.received_at + self.give_up_after  # rfc3464 2.3.9
+            data = build_dsn(self.hostname, message.envelope, outcomes, original, now, action=action, retry_until=retry_until)
         writer = self.spool.newMessage()
         try:
             writer.write(data)

@@ -34,7 +34,10 @@ Not done yet, and refused honestly rather than done half-way:
   message to a peer without 8BITMIME fails with 5.6.3.
 - Connection reuse: each domain of each message gets its own connection
   (``max_messages_per_connection`` is not used yet).
-- DSN parameters (rfc3461 NOTIFY/ORCPT) are not passed on; RET and ENVID
+- DSN parameters (rfc3461) are passed on to a peer that offers DSN (NOTIFY
+  and ORCPT per recipient, RET and ENVID per message); then the peer sends
+  any success report. To a peer without DSN, a recipient that asked for
+  NOTIFY=SUCCESS gets a "relayed" report from us (rfc3461 5.2.2). Formerly: RET and ENVID
   are, when the peer offers DSN.
 """
 
@@ -60,11 +63,12 @@ from mailsvc.clientprotocol import (
     SMTPSessionError,
     timeouts_from,
 )
-from mailsvc.envelope import QueuedMessage, Recipient, RecipientState
+from mailsvc.envelope import Delivered, QueuedMessage, Recipient, RecipientState
 from mailsvc.errors import DeliveryError, PermanentDeliveryError, TemporaryDeliveryError
 from mailsvc.interfaces import IDeliveryAgent
 from mailsvc.smtp.client import ClientSettings
 from mailsvc.smtp.client_events import Transaction
+from mailsvc.smtp import xtext
 from mailsvc.smtp.replies import Reply
 
 # The MAIL parameters of the received message that are passed on (when the
@@ -219,9 +223,11 @@ class RelayAgent:
             if value is not None:
                 mail_params[key] = value or None
         body_8bit = (envelope.parameter("BODY") or "").upper() == "8BITMIME"
+        by_address = {r.address: r for r in envelope.recipients}
+        rcpts = tuple((address, _dsn_parameters(by_address.get(address))) for address in valid)
         try:
             try:
-                transaction = Transaction(envelope.sender, tuple(valid), mail_params, size=size, body_8bit=body_8bit)
+                transaction = Transaction(envelope.sender, rcpts, mail_params, size=size, body_8bit=body_8bit)
             except ValueError:
                 # A parameter we cannot repeat is dropped rather than the message.
                 transaction = Transaction(envelope.sender, tuple(valid), {}, size=size, body_8bit=body_8bit)
@@ -311,7 +317,7 @@ class RelayAgent:
             "relayed id={id} to {where}: {summary}",
             id=message.id,
             where=where,
-            summary=", ".join(f"<{a}> {'sent' if e is None else str(e)}" for a, e in outcome.items()),
+            summary=", ".join(f"<{a}> {e if isinstance(e, DeliveryError) else 'sent'}" for a, e in outcome.items()),
         )
         return outcome
 
@@ -330,7 +336,7 @@ class RelayAgent:
             return self._lost_after_data(name, where, transaction, e)
         finally:
             body.close()
-        return _results(name, transaction, result)
+        return _results(name, transaction, result, "DSN" in protocol.extensions)
 
     def _lost_after_data(self, name, where, transaction, error: SMTPSessionError) -> dict:
         """The session broke after the end of data: the accepted recipients may
@@ -374,8 +380,24 @@ def _session_error(name: str, where: str, error: SMTPSessionError) -> DeliveryEr
     return TemporaryDeliveryError(f"conversation with {where} failed: {error.reason}", "4.4.2")
 
 
-def _results(name: str, transaction: Transaction, result: SendResult):
-    """Per-recipient results of a finished transaction, or one error for all."""
+def _dsn_parameters(recipient: Recipient | None) -> dict:
+    """rfc3461 4.1, 4.2: the NOTIFY and ORCPT to pass on for ``recipient``
+    (sent only if the peer offers DSN: the client machine filters them)."""
+    if recipient is None:
+        return {}
+    parameters = {}
+    if recipient.notify:
+        parameters["NOTIFY"] = recipient.notify
+    if recipient.original and recipient.original != recipient.address and "@" in recipient.original:
+        parameters["ORCPT"] = "rfc822;" + xtext.encode(recipient.original)
+    return parameters
+
+
+def _results(name: str, transaction: Transaction, result: SendResult, peer_dsn: bool = False):
+    """Per-recipient results of a finished transaction, or one error for all.
+
+    A success is ``Delivered.PASSED_ON`` when the peer took the DSN request
+    over (rfc3461 5.2.1), else ``Delivered.RELAYED`` (5.2.2)."""
     if result.refusal is not None:
         reply = result.refusal
         if result.synthetic:
@@ -400,7 +422,7 @@ def _results(name: str, transaction: Transaction, result: SendResult):
         elif result.reply.code >= 400:
             results[address] = _said(name, result.reply)
         else:
-            results[address] = None
+            results[address] = Delivered.PASSED_ON if peer_dsn else Delivered.RELAYED
     return results
 
 

@@ -15,7 +15,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailsvc.envelope import QueuedMessage, RecipientState
+from mailsvc.envelope import Delivered, QueuedMessage, RecipientState
 from mailsvc.errors import DeliveryError, TemporaryDeliveryError
 from mailsvc.spool.schedule import RetrySchedule
 
@@ -59,6 +59,7 @@ class QueueRunner:
         log: Logger | None = None,
         run_blocking: Callable | None = None,
         reporter: Callable | None = None,
+        delay_warning_after: float = 0,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency!r}")
@@ -74,6 +75,9 @@ class QueueRunner:
         # (mailsvc.delivery.bounce.Bouncer.report). Called before the failed
         # state is saved, so a crash in between repeats a bounce, never loses one.
         self._reporter = reporter
+        # Seconds after arrival when a still-pending recipient's sender is
+        # warned once (rfc3464 Action: delayed); 0 = never.
+        self._delay_warning_after = delay_warning_after
         self._running = False
         self._inflight: set[tuple[str, str]] = set()
         self._waiting: OrderedDict[tuple[str, str], QueuedMessage] = OrderedDict()
@@ -322,15 +326,27 @@ class QueueRunner:
             for old, new in zip(message.envelope.recipients, recipients)
             if old.state is PENDING and new.state is RecipientState.FAILED
         ]
-        # Only recipients that asked (rfc3461 NOTIFY) may want a success report.
-        delivered = [
-            new
-            for old, new in zip(message.envelope.recipients, recipients)
-            if old.state is PENDING and new.state is RecipientState.DELIVERED and new.notify
-        ]
-        if (failed or delivered) and self._reporter is not None:
+        # Only recipients that asked (rfc3461 NOTIFY) may want a success
+        # report; the agent says which (rfc3461 5.2: none when passed on).
+        successes: dict[str, list] = {"delivered": [], "relayed": []}
+        for old, new in zip(message.envelope.recipients, recipients):
+            if old.state is PENDING and new.state is RecipientState.DELIVERED and new.notify:
+                how = results.get(new.address) or Delivered.DELIVERED
+                if how is not Delivered.PASSED_ON:
+                    successes[how.value].append(new)
+        delayed = []
+        if self._delay_warning_after:
+            late = message.envelope.received_at + self._delay_warning_after <= now
+            for index, (old, new) in enumerate(zip(message.envelope.recipients, recipients)):
+                if late and old.state is PENDING and new.state is PENDING and not new.warned:
+                    recipients[index] = new.evolve(warned=True)
+                    delayed.append(recipients[index])
+            if delayed:
+                updated = message.evolve(envelope=message.envelope.evolve(recipients=tuple(recipients)))
+        groups = [("failed", failed), *successes.items(), ("delayed", delayed)]
+        if any(group for _, group in groups) and self._reporter is not None:
             d = defer.succeed(None)
-            for action, group in (("failed", failed), ("delivered", delivered)):
+            for action, group in groups:
                 if group:
                     d.addCallback(lambda _, a=action, g=group: self._reporter(message, g, a))
             d.addErrback(lambda f: self._log.failure("report for id={id} failed", f, id=message.id))
@@ -357,7 +373,7 @@ class QueueRunner:
     def _outcome(self, message: QueuedMessage, r, error, now: float):
         attempts = r.attempts + 1
         fields = dict(id=message.id, to=r.address, hop=message.hop, attempts=attempts)
-        if error is None:
+        if error is None or isinstance(error, Delivered):
             self._log.info("delivered id={id} to=<{to}> hop={hop}", **fields)
             return r.evolve(state=RecipientState.DELIVERED, attempts=attempts, last_error="")
         if not isinstance(error, DeliveryError):

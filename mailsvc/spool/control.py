@@ -38,7 +38,7 @@ _HEX = "0123456789ABCDEF"
 _LITERAL_IN_FIELD = frozenset(chr(c) for c in range(0x21, 0x7F)) - {"+", "="}
 _LITERAL_IN_LINE = _LITERAL_IN_FIELD | {" ", "="}
 _RECIPIENT_KEYS = ("state", "attempts", "next", "address", "original", "mailbox", "error")
-_OPTIONAL_RECIPIENT_KEYS = ("notify",)  # written only when set; older files lack it
+_OPTIONAL_RECIPIENT_KEYS = ("notify", "warned")  # written only when set; older files lack them
 
 
 def escape(value: str, *, in_field: bool = False) -> str:
@@ -110,7 +110,14 @@ def _recipient_line(r: Recipient) -> str:
         f"original={_address(r.original)} mailbox={escape(r.mailbox, in_field=True)} "
         f"error={escape(r.last_error, in_field=True)}"
         + (f" notify={escape(r.notify, in_field=True)}" if r.notify else "")
+        + (" warned=yes" if r.warned else "")
     )
+
+
+def _flag(text: str) -> bool:
+    if text not in ("yes", "no"):
+        raise ValueError(f"expected yes or no, got {text!r}")
+    return text == "yes"
 
 
 def _parse_recipient(text: str) -> Recipient:
@@ -139,6 +146,7 @@ def _parse_recipient(text: str) -> Recipient:
         next_attempt=_unnumber(fields["next"]),
         last_error=unescape(fields["error"]),
         notify=unescape(fields.get("notify", "")),
+        warned=_flag(fields.get("warned", "no")),
     )
 
 
