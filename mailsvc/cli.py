@@ -74,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         from mailsvc import rsmtp
 
         return rsmtp.main(argv[len(head) + 1 :] + head)
+    if argv[len(head) : len(head) + 1] == ["passwd"]:  # set an AUTH password: mailsvc.passwd
+        from mailsvc import passwd
+
+        return passwd.main(argv[len(head) + 1 :] + head)
     args = _parser().parse_args(argv)
     try:
         cfg = _load_config(args.config)

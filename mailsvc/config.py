@@ -22,6 +22,7 @@ from types import MappingProxyType
 
 from mailsvc import aliases as aliasfiles
 from mailsvc.errors import ConfigError
+from mailsvc.securityconfig import AuthConfig, SubmissionConfig, TLSConfig, read_auth, read_submission, read_tls
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -55,6 +56,10 @@ class SMTPConfig:
     vrfy: str = "directory"
     expn: bool = False
     trusted_networks: tuple[IPNetwork, ...] = ()
+    starttls: bool = True  # rfc3207 on the MX listeners
+    auth: bool = False  # rfc4954 on the MX listeners too (submission always has it)
+    max_connections_per_client: int = 20  # 0 = no limit
+    max_errors: int = 10  # bad commands before 421 and close; 0 = no limit
 
 
 @dataclass(frozen=True)
@@ -184,6 +189,9 @@ class Config:
     policies: tuple[PolicyConfig, ...] = ()
     relay: RelayConfig = RelayConfig()
     uucp_sites: tuple[UucpSiteConfig, ...] = ()
+    tls: TLSConfig = TLSConfig()
+    auth: AuthConfig = AuthConfig()
+    submission: SubmissionConfig = SubmissionConfig()
 
 
 def load(path: str | os.PathLike) -> Config:
@@ -228,7 +236,7 @@ def checkDomain(name: str) -> str | None:
 
 # ---------------------------------------------------------------- reading
 
-_TABLES = ("server", "smtp", "local", "store", "delivery", "policy", "relay", "uucp")
+_TABLES = ("server", "smtp", "local", "store", "delivery", "policy", "relay", "uucp", "tls", "auth", "submission")
 _NO_REACTOR = object()  # parsing an endpoint string only stores the reactor
 _DEFAULT_ALIASES = {"postmaster": ["alice"], "team": ["alice", "bob"]}
 
@@ -354,6 +362,9 @@ def _read(data: dict, path: Path) -> Config:
         policies=_readPolicies(fileName, data.get("policy", [])),
         relay=_readRelay(fileName, table("relay", _RELAY_KEYS), base),
         uucp_sites=_readUucp(fileName, table("uucp", ("site",))),
+        tls=read_tls(table("tls", tuple(TLSConfig.__dataclass_fields__)), base),
+        auth=read_auth(table("auth", tuple(AuthConfig.__dataclass_fields__)), base),
+        submission=read_submission(table("submission", tuple(SubmissionConfig.__dataclass_fields__)), checkEndpoint),
     )
 
 
@@ -411,6 +422,10 @@ def _readSMTP(t: _Table) -> SMTPConfig:
         vrfy=vrfy,
         expn=t.boolean("expn", default.expn),
         trusted_networks=tuple(networks),
+        starttls=t.boolean("starttls", default.starttls),
+        auth=t.boolean("auth", default.auth),
+        max_connections_per_client=t.integer("max_connections_per_client", default.max_connections_per_client, minimum=0),
+        max_errors=t.integer("max_errors", default.max_errors, minimum=0),
     )
 
 

@@ -14,6 +14,7 @@ Values passed across these interfaces (``Envelope``, ``Recipient``,
 
 from __future__ import annotations
 
+from twisted.cred.credentials import ICredentials
 from zope.interface import Attribute, Interface
 
 # ---------------------------------------------------------------- storage
@@ -141,6 +142,27 @@ class IPolicyFactory(Interface):
         """Return an ``IPolicy``; ``options`` is the plugin's config table."""
 
 
+# ---------------------------------------------------------------- authentication
+
+
+class IMailUser(Interface):
+    """The avatar an SMTP AUTH login gets from the ``twisted.cred`` portal of
+    ``mailsvc.auth`` (rfc4954): who is sending. A realm that provides it can
+    be given to ``mailsvc.auth.make_portal`` to map logins differently."""
+
+    name = Attribute("The local user name (str, lower case), as in [local] users.")
+
+
+class ISASLVerifiedCredentials(ICredentials):
+    """Credentials whose proof a SASL mechanism already checked against keys
+    the server stores (SCRAM-SHA-256, rfc5802: the exchange needs the salt
+    and keys half-way, before any checker could be asked). A checker for them
+    only reads ``verified``."""
+
+    username = Attribute("The user name the client gave (str).")
+    verified = Attribute("True when the client's proof matched the stored keys.")
+
+
 # ---------------------------------------------------------------- spool
 
 
@@ -231,7 +253,6 @@ class ISpool(Interface):
 
         :raise mailsvc.errors.SpoolError: there is no such message there.
         """
-
 
 
 # ---------------------------------------------------------------- delivery

@@ -1,10 +1,18 @@
 """Twisted glue for the SMTP server: transports, timeouts, connection limits.
 
 Thin by design: bytes go to ``mailsvc.smtp.server.ServerConnection``, its
-events go to ``mailsvc.receiver.ReceivingSession``, and the answers go back
-to the machine. While a decision is pending the transport is paused, so a
-slow policy never reorders pipelined replies (rfc2920 3.1) and input does not
-pile up in memory.
+events go to ``mailsvc.receiver.ReceivingSession`` (AUTH steps to
+``mailsvc.auth.AuthSession``), and the answers go back to the machine. While
+a decision is pending the transport is paused, so a slow policy never
+reorders pipelined replies (rfc2920 3.1) and input does not pile up in memory.
+
+TLS: an accepted STARTTLS writes the 220 in clear, switches the transport
+with ``startTLS`` and tells the machine (``tls_started``), which drops
+whatever was read before (rfc3207 4.2). Implicit TLS listeners (rfc8314) are
+this factory wrapped in ``TLSMemoryBIOFactory`` with ``implicit_tls=True``.
+
+Limits shared by every listener of a server (``ConnectionPool``): total
+connections and connections per client address, each 421 4.7.0.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailsvc.limits import ClientConnections
 from mailsvc.policy import SessionInfo
 from mailsvc.receiver import ReceiverContext, ReceivingSession
 from mailsvc.smtp import events as ev
@@ -23,10 +32,18 @@ from mailsvc.smtp.server import ServerConnection, ServerSettings
 log = Logger(namespace="mailsvc.protocol")
 
 TOO_MANY_CONNECTIONS = Reply.of(421, "4.7.0", "Too many connections; try again later")
+TOO_MANY_FROM_CLIENT = Reply.of(421, "4.7.0", "Too many connections from your address; try again later")
+TLS_UNAVAILABLE = Reply.of(454, "4.7.0", "TLS not available due to temporary reason")
 SHUTTING_DOWN = Reply.of(421, "4.3.2", "Service shutting down; try again later")
 TIMEOUT = Reply.of(421, "4.4.2", "Timeout exceeded; closing connection")
 LOCAL_ERROR = Reply.of(451, "4.3.0", "Local error in processing; try again later")
 
+# Event → (who answers it, method): the receiving session, the AUTH session, or the glue.
+_AUTH_HANDLERS = {
+    ev.Auth: "on_auth",
+    ev.AuthResponse: "on_auth_response",
+    ev.AuthCancelled: "on_auth_cancelled",
+}
 _HANDLERS = {
     ev.Hello: "on_hello",
     ev.MailFrom: "on_mail",
@@ -47,8 +64,10 @@ class SMTPServerProtocol(Protocol):
 
     def __init__(self, factory: "SMTPServerFactory") -> None:
         self.factory = factory
-        self.machine = ServerConnection(factory.server_settings)
+        self.machine = ServerConnection(factory.server_settings, tls=factory.implicit_tls)
         self.session: ReceivingSession | None = None
+        self.auth = None  # mailsvc.auth.AuthSession when AUTH is offered
+        self.client_address = ""
         self._timer = None
         self._busy = False  # inside _pump, or waiting for a Deferred answer
         self._gone = False
@@ -61,13 +80,18 @@ class SMTPServerProtocol(Protocol):
             client_address=getattr(peer, "host", ""),
             client_port=getattr(peer, "port", 0),
             server_address=getattr(host, "host", ""),
+            tls=self.factory.implicit_tls,
         )
+        self.client_address = info.client_address
         log.info("connect from [{client}]:{port}", client=info.client_address, port=info.client_port)
-        if not self.factory.admit(self):
-            self.machine.start(TOO_MANY_CONNECTIONS)
+        refusal = self.factory.admit(self)
+        if refusal is not None:
+            self.machine.start(refusal)
             self._flush()
             return
         self.session = ReceivingSession(self.factory.context, info)
+        if self.factory.authenticator is not None:
+            self.auth = self.factory.authenticator.session(info)
         self._busy = True
         self.transport.pauseProducing()
         d = defer.maybeDeferred(self.session.on_connect)
@@ -154,7 +178,14 @@ class SMTPServerProtocol(Protocol):
     def _dispatch(self, event: ev.Event):
         if isinstance(event, ev.Quit):
             return None
-        handler = getattr(self.session, _HANDLERS[type(event)])
+        if isinstance(event, ev.StartTLS):
+            return None if self.factory.tls is not None else TLS_UNAVAILABLE
+        if type(event) in _AUTH_HANDLERS:
+            if self.auth is None:
+                return Reply.of(454, "4.7.0", "Temporary authentication failure") if event.needs_reply else None
+            handler = getattr(self.auth, _AUTH_HANDLERS[type(event)])
+        else:
+            handler = getattr(self.session, _HANDLERS[type(event)])
         try:
             return handler(event)
         except Exception:
@@ -170,6 +201,23 @@ class SMTPServerProtocol(Protocol):
             self.machine.accept()
         else:
             self.machine.reply(result)
+        if self.machine.tls_pending:
+            self._start_tls()
+
+    def _start_tls(self) -> None:
+        """STARTTLS accepted: 220 in clear, then the handshake; the session starts over."""
+        self._flush()
+        try:
+            self.transport.startTLS(self.factory.tls)
+        except Exception:
+            log.failure("STARTTLS failed for [{client}]", client=self.client_address)
+            self._gone = True
+            self.transport.abortConnection()
+            return
+        self.machine.tls_started()  # rfc3207 4.2: forget everything said before
+        self.session.on_tls_started()
+        if self.auth is not None:
+            self.auth.reset()
 
     def _flush(self) -> None:
         out = self.machine.data_to_send()
@@ -202,8 +250,47 @@ class SMTPServerProtocol(Protocol):
         self._close_with(TIMEOUT)
 
 
+class ConnectionPool:
+    """Every SMTP connection of a server, whatever the listener: caps the
+    total (``max_connections``) and the count per client address
+    (``max_per_client``); 0 means no cap."""
+
+    def __init__(self, max_connections: int = 100, max_per_client: int = 0) -> None:
+        self.max_connections = max_connections
+        self.per_client = ClientConnections(max_per_client)
+        self.connections: set[SMTPServerProtocol] = set()
+
+    def admit(self, protocol: SMTPServerProtocol) -> Reply | None:
+        """Count a new connection in, or return the 421 that refuses it."""
+        if self.max_connections and len(self.connections) >= self.max_connections:
+            return TOO_MANY_CONNECTIONS
+        if not self.per_client.admit(protocol.client_address):
+            log.warn("too many connections from [{client}]", client=protocol.client_address)
+            return TOO_MANY_FROM_CLIENT
+        self.connections.add(protocol)
+        return None
+
+    def release(self, protocol: SMTPServerProtocol) -> None:
+        """A connection ended."""
+        if protocol in self.connections:
+            self.connections.discard(protocol)
+            self.per_client.release(protocol.client_address)
+
+    def shutdown(self) -> None:
+        """Tell every connected client we are going away (421 4.3.2)."""
+        for protocol in list(self.connections):
+            protocol.shutdown()
+
+
 class SMTPServerFactory(Factory):
-    """Makes ``SMTPServerProtocol``s; counts and caps connections."""
+    """Makes ``SMTPServerProtocol``s for one kind of listener.
+
+    :param tls: a context factory for STARTTLS (``mailsvc.tls.ServerTLSContext``), or None.
+    :param implicit_tls: the listener is wrapped in TLS (rfc8314): sessions start with TLS active.
+    :param authenticator: a ``mailsvc.auth.Authenticator`` when AUTH is offered.
+    :param pool: the ``ConnectionPool`` shared with the server's other listeners
+        (default: one of its own, from ``max_connections`` and ``max_connections_per_client``).
+    """
 
     def __init__(
         self,
@@ -213,30 +300,39 @@ class SMTPServerFactory(Factory):
         max_connections: int = 100,
         command_timeout: float = 300,
         data_timeout: float = 180,
+        *,
+        tls=None,
+        implicit_tls: bool = False,
+        authenticator=None,
+        pool: ConnectionPool | None = None,
+        max_connections_per_client: int = 0,
     ) -> None:
         self.context = context
         self.server_settings = server_settings
         self.clock = clock
-        self.max_connections = max_connections
         self.command_timeout = command_timeout
         self.data_timeout = data_timeout
-        self.connections: set[SMTPServerProtocol] = set()
+        self.tls = tls
+        self.implicit_tls = implicit_tls
+        self.authenticator = authenticator
+        self.pool = pool if pool is not None else ConnectionPool(max_connections, max_connections_per_client)
+
+    @property
+    def connections(self) -> set:
+        """The open connections of the pool."""
+        return self.pool.connections
 
     def buildProtocol(self, addr) -> SMTPServerProtocol:
         return SMTPServerProtocol(self)
 
-    def admit(self, protocol: SMTPServerProtocol) -> bool:
-        """Count a new connection in, unless the cap is reached."""
-        if self.max_connections and len(self.connections) >= self.max_connections:
-            return False
-        self.connections.add(protocol)
-        return True
+    def admit(self, protocol: SMTPServerProtocol) -> Reply | None:
+        """Count a new connection in, or the 421 refusing it."""
+        return self.pool.admit(protocol)
 
     def release(self, protocol: SMTPServerProtocol) -> None:
         """A connection ended."""
-        self.connections.discard(protocol)
+        self.pool.release(protocol)
 
     def shutdown(self) -> None:
-        """Tell every connected client we are going away (421 4.3.2)."""
-        for protocol in list(self.connections):
-            protocol.shutdown()
+        """Tell every connected client of the pool we are going away (421 4.3.2)."""
+        self.pool.shutdown()

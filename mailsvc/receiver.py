@@ -8,6 +8,11 @@ Twisted glue (``mailsvc.protocol``) feeds it events and writes its replies.
 Each ``on_*`` method answers one decision: ``None`` means the machine's
 usual positive reply, a ``Reply`` is sent as is; either may come in a
 Deferred.
+
+Relaying (DESIGN rule 4) is for trusted networks and authenticated users
+(``SessionInfo.user``, set by ``mailsvc.auth``). On a submission listener
+(``ReceiverSettings.submission``, rfc6409) the sender may be tied to the
+user's own addresses and a missing ``Date:`` or ``Message-ID:`` is added.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from mailsvc.smtp import events as ev
 from mailsvc.smtp import xtext
 from mailsvc.smtp.address import AddressError, check_mailbox
 from mailsvc.smtp.replies import Reply
+from mailsvc.submission import HeaderScanner, missing_headers, protocol_name
 
 log = Logger(namespace="mailsvc.receiver")
 
@@ -43,6 +49,10 @@ class ReceiverSettings:
     expn: bool = False
     trusted_networks: tuple = ()
     default_domain: str = ""  # the domain VRFY/EXPN add to a bare user name
+    # rfc6409: a submission listener; adds a missing Date:/Message-ID: (8.2, 8.3).
+    submission: bool = False
+    # rfc6409 6.1: an authenticated user may only send as one of its own addresses.
+    require_sender_match: bool = False
 
 
 @dataclass
@@ -74,6 +84,7 @@ class _Transaction:
     recipients: list[Recipient] = field(default_factory=list)
     writer: object = None  # IMessageWriter while DATA is being received
     write_error: SpoolError | None = None
+    headers: HeaderScanner | None = None  # submission: watches for Date/Message-ID
 
 
 class ReceivingSession:
@@ -84,6 +95,14 @@ class ReceivingSession:
         self.info = info
         info.trusted = context.is_trusted(info.client_address)
         self._txn = _Transaction()
+
+    def on_tls_started(self) -> None:
+        """STARTTLS done: forget the session so far (rfc3207 4.2), note TLS."""
+        self._clear()
+        self.info.helo, self.info.extended = "", False
+        self.info.user = None
+        self.info.extra.pop("auth_mechanism", None)
+        self.info.tls = True
 
     # ---------------------------------------------------------- connection
 
@@ -104,17 +123,35 @@ class ReceivingSession:
 
     # ---------------------------------------------------------- transaction
 
+    @defer.inlineCallbacks
     def on_mail(self, event: ev.MailFrom):
-        """MAIL FROM: ask the policies, then remember the sender."""
+        """MAIL FROM: the sender rule of submission, the policies, then remember the sender."""
+        if self.context.settings.require_sender_match and self.info.user is not None:
+            owned = yield self._sender_owned(event.sender)
+            if not owned:
+                return Reply.of(553, "5.7.1", f"<{event.sender}>: sender address not owned by user {self.info.user}")
+        verdict = yield ask(self.context.policies, "mail", self.info, event.sender, event.parameters)
+        if verdict.reply is None:
+            self._clear()
+            self._txn.sender = event.sender
+            # rfc4954 5: AUTH= is not trusted from clients; it is not kept.
+            self._txn.parameters = {k: v for k, v in event.parameters.items() if k != "AUTH"}
+        return verdict.reply
 
-        def answered(verdict):
-            if verdict.reply is None:
-                self._clear()
-                self._txn.sender = event.sender
-                self._txn.parameters = dict(event.parameters)
-            return verdict.reply
-
-        return ask(self.context.policies, "mail", self.info, event.sender, event.parameters).addCallback(answered)
+    @defer.inlineCallbacks
+    def _sender_owned(self, sender: str):
+        """Whether the authenticated user may send as ``sender``: an address in
+        a local domain that the directory delivers to the user's own mailbox
+        (the user's address, or an alias that includes the user)."""
+        local, at, domain = sender.rpartition("@")
+        if not at or not local:
+            return False  # <> and bare names are not the user's
+        directory = self.context.directory
+        is_local = yield defer.maybeDeferred(directory.isLocalDomain, domain.lower())
+        if not is_local:
+            return False
+        mailboxes = yield defer.maybeDeferred(directory.resolve, sender)
+        return any(m.mailbox == self.info.user for m in mailboxes or ())
 
     @defer.inlineCallbacks
     def on_rcpt(self, event: ev.RcptTo):
@@ -125,8 +162,8 @@ class ReceivingSession:
         recipients = yield router.recipients_for(self.context.directory, event.recipient, original)
         if recipients is None:
             return Reply.of(550, "5.1.1", f"<{event.recipient}>: no such user here")
-        if self.context.router.hop_for(recipients[0]) == router.RELAY and not self.info.trusted:
-            # DESIGN rule 4: no open relay.
+        if self.context.router.hop_for(recipients[0]) == router.RELAY and not (self.info.trusted or self.info.user):
+            # DESIGN rule 4: no open relay; trusted networks and authenticated users only.
             return Reply.of(550, "5.7.1", f"<{event.recipient}>: relay access denied")
         verdict = yield ask(self.context.policies, "rcpt", self.info, event.recipient, event.parameters)
         if verdict.reply is not None:
@@ -149,6 +186,8 @@ class ReceivingSession:
             log.error("spool unavailable: {error}", error=error)
             return _spool_reply(error)
         self._txn.write_error = None
+        if self.context.settings.submission:
+            self._txn.headers = HeaderScanner()
         return None
 
     def on_data_chunk(self, event: ev.DataChunk) -> None:
@@ -156,6 +195,8 @@ class ReceivingSession:
         txn = self._txn
         if txn.writer is None or txn.write_error is not None:
             return
+        if txn.headers is not None:
+            txn.headers.feed(event.data)
         try:
             txn.writer.write(event.data)
         except SpoolError as error:
@@ -213,7 +254,13 @@ class ReceivingSession:
 
     def _envelope(self, txn: _Transaction, message_id: str) -> Envelope:
         now = self.context.now()
-        protocol = "ESMTP" if self.info.extended else "SMTP"
+        info = self.info
+        protocol = protocol_name(info.extended, info.tls, info.user is not None)
+        headers = [received_header(self.context.settings.hostname, info, protocol, message_id, txn.recipients, now)]
+        if txn.headers is not None:
+            txn.headers.finish()
+            # rfc6409 8.2, 8.3: a submission server may add Message-ID and Date.
+            headers.extend(missing_headers(txn.headers, self.context.settings.hostname, message_id, now))
         return Envelope(
             sender=txn.sender,
             recipients=tuple(txn.recipients),
@@ -222,7 +269,7 @@ class ReceivingSession:
             client_address=self.info.client_address,
             protocol=protocol,
             received_at=now,
-            prepend_headers=(received_header(self.context.settings.hostname, self.info, protocol, message_id, txn.recipients, now),),
+            prepend_headers=tuple(headers),
         )
 
     # ---------------------------------------------------------- queries

@@ -2,7 +2,8 @@
 
 ``makeService`` reads the config, finds the store, directory and policy
 plugins by name, and builds a ``MultiService``: the queue runner, then one
-listener per ``[smtp] listen`` endpoint. Stopping it says 421 to connected
+listener per ``[smtp] listen`` (MX) and ``[submission]`` endpoint
+(``mailsvc.listeners``). Stopping it says 421 to connected
 clients, stops listening, and lets deliveries in progress finish.
 """
 
@@ -11,8 +12,7 @@ from __future__ import annotations
 import sys
 
 from twisted.application import service
-from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import defer, endpoints, threads
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.plugin import getPlugins
 from twisted.python import usage
@@ -28,9 +28,9 @@ from mailsvc.delivery.runner import QueueRunner
 from mailsvc.delivery.uucp import UucpAgent
 from mailsvc.errors import ConfigError
 from mailsvc.interfaces import IMailboxStoreFactory, IPolicyFactory, IRecipientDirectoryFactory
+from mailsvc.listeners import smtp_listeners
 from mailsvc.protocol import SMTPServerFactory
 from mailsvc.receiver import ReceiverContext, ReceiverSettings
-from mailsvc.smtp.server import ServerSettings
 from mailsvc.spool.filespool import FileSpool
 from mailsvc.spool.schedule import RetrySchedule
 
@@ -161,23 +161,12 @@ def build(cfg: configuration.Config, reactor) -> service.MultiService:
         policies=policies,
         router=router,
     )
-    factory = SMTPServerFactory(
-        context,
-        ServerSettings(
-            hostname=cfg.server.hostname,
-            max_message_size=smtp.max_message_size,
-            max_recipients=smtp.max_recipients,
-        ),
-        clock=reactor,
-        max_connections=smtp.max_connections,
-        command_timeout=smtp.command_timeout,
-        data_timeout=smtp.data_timeout,
-    )
+    # The MX, submission and implicit-TLS listeners (mailsvc.listeners).
+    factory, listeners = smtp_listeners(cfg, reactor, context, run_blocking)
     top = service.MultiService()
     QueueRunnerService(runner).setServiceParent(top)
-    for description in smtp.listen:
-        endpoint = endpoints.serverFromString(reactor, description)
-        StreamServerEndpointService(endpoint, factory).setServiceParent(top)
+    for listener in listeners:
+        listener.setServiceParent(top)
     GoodbyeService(factory).setServiceParent(top)  # stopped first (reverse order)
     ControlService(spool, runner, cfg.server.control_socket, reactor).setServiceParent(top)
     return top

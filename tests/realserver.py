@@ -4,7 +4,9 @@ Not a test module: the ``test_real_*`` files import ``RealServer`` and the
 fixtures below. A ``RealServer`` owns a directory: it writes a config file
 there (a free loopback port, ``mx.test``, the domain ``example.test`` with
 alice, bob and carol, a spool and mailboxes inside the directory, a queue
-runner that scans every second), starts ``<venv>/bin/twistd -n mailsvc`` with
+runner that scans every second; free ports too for the submission and
+implicit-TLS listeners, whose certificate and password file live in the
+directory), starts ``<venv>/bin/twistd -n mailsvc`` with
 ``subprocess.Popen`` and waits, bounded, until the port answers.
 
 Every process is stopped by its own PID: ``stop()`` sends SIGTERM, waits,
@@ -101,6 +103,11 @@ class RealServer:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
+        self.submission_port = free_port()  # [submission] listen (STARTTLS + AUTH)
+        self.implicit_tls_port = free_port()  # [submission] listen_implicit_tls (rfc8314)
+        self.cert_file = self.root / "tls" / "cert.pem"
+        self.key_file = self.root / "tls" / "key.pem"
+        self.password_file = self.root / "auth" / "passwd"
         self.spool_dir = self.root / "spool"
         self.mail_dir = self.root / "mail"
         self.config_path = self.root / "mailsvc.toml"
@@ -133,6 +140,12 @@ class RealServer:
             },
             "store": {"type": self.store_type, "path": str(self.mail_dir)},
             "delivery": {"scan_interval": 1, "retry_first": 1},
+            "submission": {
+                "listen": [f"tcp:{self.submission_port}:interface=127.0.0.1"],
+                "listen_implicit_tls": [f"tcp:{self.implicit_tls_port}:interface=127.0.0.1"],
+            },
+            "tls": {"cert_file": str(self.cert_file), "key_file": str(self.key_file)},
+            "auth": {"password_file": str(self.password_file)},
         }
         for name, keys in self.sections.items():
             table = tables.setdefault(name, {})

@@ -10,8 +10,9 @@ from mailsvc.smtp.server import ServerConnection, ServerSettings
 class Driver:
     """Feeds bytes to a ServerConnection and answers its decisions.
 
-    By default every decision is accepted and DataEnd gets ``250 queued``;
-    ``answers`` maps an event type to a Reply (or a function of the event
+    By default every decision is accepted, DataEnd gets ``250 queued`` and
+    each AUTH step ``535 5.7.8`` (STARTTLS is accepted; the test calls
+    ``conn.tls_started()`` itself); ``answers`` maps an event type to a Reply (or a function of the event
     returning a Reply or None) to answer differently.
     """
 
@@ -46,6 +47,8 @@ class Driver:
                 answer = Reply.of(250, "2.0.0", "Ok: queued as TEST")
             if answer is None and isinstance(event, (ev.Verify, ev.Expand, ev.Turn)):
                 answer = Reply.of(502, "5.5.1", "not here")
+            if answer is None and isinstance(event, (ev.Auth, ev.AuthResponse)):
+                answer = Reply.of(535, "5.7.8", "Authentication credentials invalid")
             if answer is None:
                 self.conn.accept()
             else:

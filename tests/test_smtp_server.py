@@ -62,7 +62,8 @@ def test_helo_is_single_line_and_plain_smtp():
         (b"VRFY", "501 5.5.4 Syntax: VRFY user-or-address"),
         (b"EXPN", "501 5.5.4 Syntax: EXPN list"),
         (b"TURN x", "501 5.5.4 TURN takes no argument"),
-        (b"STARTTLS", "502 5.5.1 STARTTLS not implemented"),
+        (b"STARTTLS", "454 4.7.0 TLS not available"),
+        (b"AUTH PLAIN", "502 5.5.1 AUTH not implemented"),
         (b"HELP nonsense", "504 5.5.4 No help for 'nonsense'; try HELP"),
     ],
 )

@@ -111,3 +111,37 @@ class Turn(Decision):
 class Quit(Event):
     """QUIT was answered with 221: close once the reply is written."""
 
+
+
+@dataclass(frozen=True)
+class StartTLS(Decision):
+    """STARTTLS (rfc3207 4). Accepting sends 220 and the machine stops reading:
+    the glue switches the transport to TLS, then calls ``tls_started()``,
+    which forgets everything said before (rfc3207 4.2). Refuse with 454 4.7.0."""
+
+
+@dataclass(frozen=True)
+class Auth(Decision):
+    """AUTH ``mechanism`` [``initial_response``] (rfc4954 4); no default answer.
+
+    ``mechanism`` is upper-cased and one the machine offers; ``initial_response``
+    is the base64 text as sent (``"="`` is an empty response), or ``None``.
+    Reply ``334 <base64 challenge>`` to go on (the next line comes as an
+    ``AuthResponse``), 235 on success, or a failure (535, 501, 454...).
+    """
+
+    mechanism: str
+    initial_response: str | None = None
+
+
+@dataclass(frozen=True)
+class AuthResponse(Decision):
+    """One client line of a running AUTH exchange (base64 text, not decoded);
+    answered like ``Auth``."""
+
+    line: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class AuthCancelled(Event):
+    """The client cancelled the AUTH exchange with ``*``; the machine said 501 5.7.0."""

@@ -50,7 +50,9 @@ class Reply:
         for index, line in enumerate(self.lines):
             sep = " " if index == last else "-"
             text = f"{self.enhanced} {line}" if self.enhanced else line
-            out.append(f"{self.code}{sep}{text}".rstrip(" ") + "\r\n")
+            line_out = f"{self.code}{sep}{text}"
+            # rfc4954 4: an empty AUTH challenge is "334 ", the space kept.
+            out.append((line_out if self.code == 334 else line_out.rstrip(" ")) + "\r\n")
         return "".join(out).encode("utf-8")
 
     def __str__(self) -> str:

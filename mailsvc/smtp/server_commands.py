@@ -1,0 +1,247 @@
+"""The server machine's command handlers: one method per verb.
+
+``CommandParser`` is the half of ``mailsvc.smtp.server.ServerConnection``
+that reads one command line and either answers it (syntax 501, sequence 503,
+unknown 500, 530 before AUTH...) or returns the event it makes. It works on
+the connection's state; it has no state of its own.
+"""
+
+from __future__ import annotations
+
+from mailsvc.smtp import events as ev
+from mailsvc.smtp.address import AddressError, parse_path_argument
+from mailsvc.smtp.help import help_reply
+from mailsvc.smtp.parameters import check_mail_parameters, check_rcpt_parameters
+from mailsvc.smtp.replies import BAD_SEQUENCE, OK, SYNTAX, Reply
+from mailsvc.smtp.server_state import AUTH_REQUIRED, MAIL_VERBS, NEEDS_AUTH, NOT_IMPLEMENTED, State
+
+
+class CommandParser:
+    """Command handlers, mixed into ``ServerConnection`` (which owns every
+    attribute used here: ``state``, ``settings``, ``extended``, ``tls``,
+    ``authenticated``, ``_accepted``, ``_attempted``, ``_send``...)."""
+
+    def _command(self, raw: bytes) -> ev.Event | None:
+        """Parse one command line; answer it or return the event it makes."""
+        if b"\r" in raw or b"\n" in raw:
+            # rfc5321 2.3.8: never take a bare CR or LF as a line end.
+            self._send(Reply.of(500, "5.5.2", "Bare CR or LF in command line; lines must end with CRLF"))
+            return None
+        line = raw.decode("utf-8", "replace")
+        verb, _, argument = line.partition(" ")
+        verb = verb.upper()
+        argument = argument.strip(" ")
+        if self.state is State.REFUSED and verb != "QUIT":
+            self._send(Reply.of(503, BAD_SEQUENCE, "Service refused; only QUIT is allowed"))
+            return None
+        if verb in NEEDS_AUTH and self.settings.auth_required and not self.authenticated:
+            self._send(AUTH_REQUIRED)
+            return None
+        handler = _HANDLERS.get(verb)
+        if handler is not None:
+            return handler(self, verb, argument)
+        if verb in MAIL_VERBS:
+            return self._mail(verb, argument)
+        if verb in NOT_IMPLEMENTED:
+            self._send(Reply.of(502, "5.5.1", f"{verb} not implemented"))
+            return None
+        shown = verb if verb.isascii() and verb.isprintable() and len(verb) <= 20 else "?"
+        self._send(Reply.of(500, "5.5.2", f"Command unrecognized: {shown}" if verb else "Empty command"))
+        return None
+
+    def _syntax(self, text: str, status: str = SYNTAX, code: int = 501) -> None:
+        self._send(Reply.of(code, status, text))
+
+    def _hello(self, verb: str, argument: str) -> ev.Event | None:
+        # rfc5321 4.1.1.1: EHLO/HELO take the client's domain or address literal.
+        if not argument or " " in argument or not (argument.isascii() and argument.isprintable()):
+            self._syntax(f"Syntax: {verb} hostname")
+            return None
+        return ev.Hello(argument, verb == "EHLO")
+
+    def _hello_reply(self, hello: ev.Hello) -> Reply:
+        greeting = f"{self.settings.hostname} greets {hello.name}"
+        if not hello.extended:
+            return Reply.of(250, "", greeting)
+        size = self.settings.max_message_size
+        keywords = [
+            "PIPELINING",  # rfc2920
+            f"SIZE {size}" if size else "SIZE",  # rfc1870
+            "8BITMIME",  # rfc6152
+            "ENHANCEDSTATUSCODES",  # rfc2034
+            "DSN",  # rfc3461
+            *self.settings.extensions,
+            *(["STARTTLS"] if self.settings.starttls and not self.tls else []),  # rfc3207 4.2
+            *([f"AUTH {' '.join(self.offered_mechanisms)}"] if self.offered_mechanisms else []),  # rfc4954 3
+            "HELP",
+        ]
+        return Reply.of(250, "", greeting, *keywords)
+
+    def _mail(self, verb: str, argument: str) -> ev.Event | None:
+        if self.state is State.GREETED:
+            self._send(Reply.of(503, BAD_SEQUENCE, "Send HELO or EHLO first"))
+            return None
+        if self.state is State.MAIL:
+            self._send(Reply.of(503, BAD_SEQUENCE, "Sender already given; RSET first"))
+            return None
+        try:
+            path = parse_path_argument(argument, "FROM", null_allowed=True, postmaster_allowed=False)
+        except AddressError as error:
+            self._address_error(error, "5.1.7")  # rfc3463: bad sender address syntax
+            return None
+        refusal = check_mail_parameters(
+            path.parameters,
+            extended=self.extended,
+            max_size=self.settings.max_message_size,
+            auth=bool(self.settings.auth_mechanisms),
+        )
+        if refusal is not None:
+            self._send(refusal)
+            return None
+        self._reset_transaction()
+        return ev.MailFrom(path.address, path.parameters, verb)
+
+    def _address_error(self, error: AddressError, status: str) -> None:
+        if error.status == "5.6.7":
+            self._send(Reply.of(553, "5.6.7", str(error)))  # rfc6531 3.7.4.1
+        else:
+            self._syntax(f"Syntax error: {error}", error.status or status)
+
+    def _rcpt(self, verb: str, argument: str) -> ev.Event | None:
+        if self.state is not State.MAIL:
+            self._send(Reply.of(503, BAD_SEQUENCE, "Need MAIL before RCPT"))
+            return None
+        try:
+            path = parse_path_argument(argument, "TO", null_allowed=False, postmaster_allowed=True)
+        except AddressError as error:
+            self._address_error(error, "5.1.3")  # rfc3463: bad destination syntax
+            return None
+        if path.parameters:
+            refusal = check_rcpt_parameters(path.parameters, extended=self.extended)
+            if refusal is not None:
+                self._send(refusal)
+                return None
+        if self._accepted >= self.settings.max_recipients:
+            # rfc5321 4.5.3.1.10: "452 too many recipients"; the client sends the rest later.
+            self._send(Reply.of(452, "4.5.3", f"Too many recipients ({self.settings.max_recipients} at most)"))
+            return None
+        self._attempted += 1
+        return ev.RcptTo(path.address, path.parameters)
+
+    def _data(self, verb: str, argument: str) -> ev.Event | None:
+        if argument:
+            self._syntax("DATA takes no argument")
+        elif self.state is not State.MAIL:
+            self._send(Reply.of(503, BAD_SEQUENCE, "Need MAIL before DATA"))
+        elif self._accepted == 0 and self._attempted == 0:
+            self._send(Reply.of(503, BAD_SEQUENCE, "Need RCPT before DATA"))
+        elif self._accepted == 0:
+            # rfc2920 3.1: DATA after every RCPT failed gets 554.
+            self._send(Reply.of(554, "5.5.1", "No valid recipients"))
+        else:
+            return ev.DataCommand()
+        return None
+
+    def _rset(self, verb: str, argument: str) -> ev.Event | None:
+        if argument:
+            self._syntax("RSET takes no argument")
+            return None
+        self._reset_transaction()  # rfc5321 4.1.1.5
+        self._send(OK)
+        return ev.Reset()
+
+    def _noop(self, verb: str, argument: str) -> ev.Event | None:
+        self._send(OK)  # rfc5321 4.1.1.9: any argument is ignored
+        return None
+
+    def _quit(self, verb: str, argument: str) -> ev.Event | None:
+        if argument:
+            self._syntax("QUIT takes no argument")
+            return None
+        # rfc5321 4.1.1.10: 221, then close.
+        self._send(Reply.of(221, "2.0.0", f"{self.settings.hostname} closing connection"))
+        self._enter_closed()
+        return ev.Quit()
+
+    def _help(self, verb: str, argument: str) -> ev.Event | None:
+        self._send(help_reply(argument))  # rfc5321 4.1.1.8
+        return None
+
+    def _vrfy(self, verb: str, argument: str) -> ev.Event | None:
+        if not argument:
+            self._syntax("Syntax: VRFY user-or-address")
+            return None
+        return ev.Verify(argument)  # rfc5321 3.5.1, 4.1.1.6
+
+    def _expn(self, verb: str, argument: str) -> ev.Event | None:
+        if not argument:
+            self._syntax("Syntax: EXPN list")
+            return None
+        return ev.Expand(argument)  # rfc5321 3.5.2, 4.1.1.7
+
+    def _turn(self, verb: str, argument: str) -> ev.Event | None:
+        if argument:
+            self._syntax("TURN takes no argument")
+            return None
+        return ev.Turn()  # rfc821 4.1.1
+
+    def _starttls(self, verb: str, argument: str) -> ev.Event | None:
+        if self.tls:
+            self._send(Reply.of(503, BAD_SEQUENCE, "TLS already active"))
+        elif argument:
+            self._syntax("Syntax: STARTTLS (no parameters allowed)")  # rfc3207 4
+        elif not self.settings.starttls:
+            self._send(Reply.of(454, "4.7.0", "TLS not available"))  # rfc3207 4
+        else:
+            return ev.StartTLS()
+        return None
+
+    def _auth(self, verb: str, argument: str) -> ev.Event | None:
+        settings = self.settings
+        if not settings.auth_mechanisms:
+            self._send(Reply.of(502, "5.5.1", "AUTH not implemented"))
+            return None
+        words = argument.split(" ")
+        if not argument or len(words) > 2:
+            self._syntax("Syntax: AUTH mechanism [initial-response]")
+        elif self.authenticated:
+            self._send(Reply.of(503, BAD_SEQUENCE, "Already authenticated"))  # rfc4954 4
+        elif self.state is State.MAIL:
+            self._send(Reply.of(503, BAD_SEQUENCE, "AUTH is not allowed during a mail transaction"))
+        elif self.state is not State.READY or not self.extended:
+            self._send(Reply.of(503, BAD_SEQUENCE, "Send EHLO first"))
+        elif words[0].upper() not in settings.auth_mechanisms:
+            self._send(Reply.of(504, "5.5.4", "Unrecognized authentication mechanism"))
+        elif words[0].upper() not in self.offered_mechanisms:
+            # rfc4954 6: 538, for a mechanism that needs an encrypted connection.
+            self._send(Reply.of(538, "5.7.11", "Encryption required for requested authentication mechanism"))
+        else:
+            return ev.Auth(words[0].upper(), words[1] if len(words) == 2 else None)
+        return None
+
+    def _auth_response(self, raw: bytes) -> ev.Event | None:
+        """One line inside an AUTH exchange: ``*`` cancels, anything else is for the mechanism."""
+        line = raw.decode("ascii", "replace")
+        if line == "*":
+            # rfc4954 4: the client cancels; the server MUST answer 501.
+            self.state = State.READY
+            self._send(Reply.of(501, "5.7.0", "Authentication cancelled"))
+            return ev.AuthCancelled()
+        return ev.AuthResponse(line)
+
+
+_HANDLERS = {
+    "HELO": CommandParser._hello,
+    "EHLO": CommandParser._hello,
+    "RCPT": CommandParser._rcpt,
+    "DATA": CommandParser._data,
+    "RSET": CommandParser._rset,
+    "NOOP": CommandParser._noop,
+    "QUIT": CommandParser._quit,
+    "HELP": CommandParser._help,
+    "VRFY": CommandParser._vrfy,
+    "EXPN": CommandParser._expn,
+    "TURN": CommandParser._turn,
+    "STARTTLS": CommandParser._starttls,
+    "AUTH": CommandParser._auth,
+}

@@ -1,0 +1,61 @@
+"""The server machine's settings, states and command sets (see ``mailsvc.smtp.server``)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from mailsvc.smtp.replies import Reply
+
+MAX_COMMAND_LINE = 512  # rfc5321 4.5.3.1.4, CRLF included
+AUTH_PARAMETER_ROOM = 500  # rfc4954 3: AUTH= makes MAIL lines 500 octets longer
+MAX_AUTH_LINE = 12288  # rfc4954 4: room for any deployed SASL response
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What the machine needs to know about the server it speaks for."""
+
+    hostname: str
+    max_message_size: int = 0  # rfc1870 SIZE; 0 = no limit
+    max_recipients: int = 100  # rfc5321 4.5.3.1.8 requires at least 100
+    # Extra EHLO keywords offered by the glue.
+    extensions: tuple[str, ...] = ()
+    # rfc3207: offer STARTTLS (before TLS only). Off: STARTTLS gets 454 4.7.0.
+    starttls: bool = False
+    # rfc4954: SASL mechanisms offered once TLS is active; none = no AUTH (502).
+    auth_mechanisms: tuple[str, ...] = ()
+    # Offer them before TLS too (otherwise AUTH before TLS gets 538 5.7.11).
+    auth_without_tls: bool = False
+    # rfc6409 4.3 / rfc4954 6: mail commands before AUTH get 530 5.7.0.
+    auth_required: bool = False
+    # 5xx replies to bad or out-of-sequence commands before 421 4.7.0 and close; 0 = no limit.
+    max_errors: int = 0
+
+
+class State(enum.Enum):
+    """Where the session stands (rfc5321 4.1.4 command order)."""
+
+    NEW = "new"  # before the greeting
+    GREETED = "greeted"  # 220 sent, no HELO/EHLO yet
+    READY = "ready"  # HELO/EHLO done, no transaction
+    MAIL = "mail"  # MAIL accepted; RCPTs may follow
+    DATA = "data"  # reading message data
+    AUTH = "auth"  # inside an AUTH exchange: lines are SASL responses
+    TLS_PENDING = "tls-pending"  # 220 to STARTTLS queued; waiting for tls_started()
+    REFUSED = "refused"  # 554 greeting: only QUIT is served (rfc5321 3.1)
+    CLOSED = "closed"
+
+
+# Verbs that start a transaction: MAIL (rfc5321) and rfc821 3.4's SEND, SOML,
+# SAML. This server has no terminals, so all four deliver to mailboxes.
+MAIL_VERBS = frozenset({"MAIL", "SEND", "SOML", "SAML"})
+# Verbs known but not offered (rfc5321 4.2.4: 502 "not implemented").
+NOT_IMPLEMENTED = frozenset({"BDAT", "ETRN", "ATRN"})
+# rfc4954 6: "530 5.7.0 Authentication required" for any command but AUTH,
+# EHLO, HELO, NOOP, RSET and QUIT (and STARTTLS and HELP, which lead to it).
+NEEDS_AUTH = frozenset({"MAIL", "SEND", "SOML", "SAML", "RCPT", "DATA", "VRFY", "EXPN", "TURN"})
+# Replies that count as a client error for the max_errors limit.
+ERROR_CODES = frozenset({500, 501, 502, 503, 504, 530, 538, 555})
+TOO_MANY_ERRORS = Reply.of(421, "4.7.0", "Too many errors; closing connection")
+AUTH_REQUIRED = Reply.of(530, "5.7.0", "Authentication required")
