@@ -22,7 +22,7 @@ test: $(BIN)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(BIN)/.installed
-	$(BIN)/python bench/accept_deliver.py
+	$(BIN)/python bench/run_all.py
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

@@ -350,6 +350,8 @@ class Postfix(Target):
     _starting: Path | None = None  # queue dir of an instance being started
     POSTFIX = "/usr/sbin/postfix"
     DAEMONS = "/usr/lib/postfix/sbin"
+    # main.cf settings added to (or replacing) the ones below, e.g. by relay.py.
+    main_cf_extra: dict[str, str] | None = None
 
     def prepare(self) -> None:
         if not (os.path.exists(self.POSTFIX) and os.path.isdir(self.DAEMONS)):
@@ -419,6 +421,7 @@ class Postfix(Target):
             "setgid_group": "postdrop",
             "import_environment": "MAIL_CONFIG MAIL_DEBUG MAIL_LOGTAG TZ LANG=C",
         }
+        main_cf.update(self.main_cf_extra or {})
         (conf / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in main_cf.items()))
         (conf / "master.cf").write_text(MASTER_CF.format(port=port))
         env = {k: v for k, v in os.environ.items() if not k.startswith("MAIL_")}
