@@ -130,6 +130,8 @@ def build(cfg: configuration.Config, reactor) -> service.MultiService:
         relay.helo_name or cfg.server.hostname,
         run_blocking=run_blocking,
     )
+    # QUIT the idle outgoing connections kept for reuse before the reactor stops.
+    reactor.addSystemEventTrigger("before", "shutdown", relay_agent.close)
     runner = QueueRunner(
         spool,
         {

@@ -9,6 +9,8 @@ test advances the clock.
 
 from __future__ import annotations
 
+import email
+import email.policy
 import hashlib
 
 from twisted.internet import defer, task
@@ -22,6 +24,7 @@ from zope.interface.verify import verifyObject
 from mailsvc.clientprotocol import CHUNK_SIZE, SMTPClientProtocol, SMTPSessionError
 from mailsvc.config import RelayConfig, RouteConfig
 from mailsvc.delivery.bounce import outcome_of
+from mailsvc.delivery.downgrade import downgrade_bytes
 from mailsvc.delivery.mx import Host, MXResult
 from mailsvc.delivery.relay import RelayAgent
 from mailsvc.envelope import Delivered, Envelope, LocalMailbox, Recipient
@@ -369,7 +372,10 @@ def test_delivered_byte_exact_to_our_server(tmp_path):
     assert envelope.sender == "carol@example.test"
     assert [r.address for r in envelope.recipients] == ["alice@remote.test"]
     assert envelope.helo == "relay.example.test"
-    assert relay.net.open == 0  # QUIT said and the connection closed
+    assert relay.net.open == 1  # kept for the next message to this host
+    relay.clock.advance(5)
+    relay.net.settle()
+    assert relay.net.open == 0  # idle too long: QUIT said and the connection closed
 
 
 def test_per_recipient_550_and_250(tmp_path):
@@ -492,15 +498,20 @@ def test_received_in_the_body_is_not_counted(tmp_path):
 
 
 def test_8bit_message_to_a_peer_without_8bitmime_is_5_6_3(tmp_path):
-    """BODY=8BITMIME to a peer that does not offer 8BITMIME fails for good with 5.6.3
-    (no downgrade yet), and nothing is sent."""
+    """BODY=8BITMIME, not MIME, to a peer that does not offer 8BITMIME: it
+    cannot be converted (rfc6152 3), so it fails for good with 5.6.3 and
+    nothing is sent; no temporary file is left behind."""
     relay = Relay(tmp_path)
     script = relay.net.add("192.0.2.25", 25, Scripted(extensions=["PIPELINING", "SIZE 1000000"])).script
     message = relay.queue(HEADERS + "Grüße\r\n".encode(), parameters=(("BODY", "8BITMIME"),))
     error = result_of(relay.deliver(message))["alice@remote.test"]
     assert isinstance(error, PermanentDeliveryError) and error.status == "5.6.3"
-    assert "8BITMIME" in error.text and "not done yet" in error.text
-    assert [c.split()[0] for c in script["commands"]] == ["EHLO", "QUIT"]
+    assert str(error) == (
+        "5.6.3 host mx.remote.test does not offer 8BITMIME and the message cannot be"
+        " converted to 7-bit: 8-bit text in a message that is not MIME"
+    )
+    assert [c.split()[0] for c in script["commands"]] == ["EHLO"]
+    assert list((relay.spool.directory / "tmp").iterdir()) == []
 
 
 def test_8bit_message_and_size_are_declared(tmp_path):
@@ -724,3 +735,260 @@ def test_dsn_request_is_passed_to_a_dsn_peer(tmp_path):
     [(envelope, _)] = peer.received()
     [got] = envelope.recipients
     assert (got.notify, got.original) == ("SUCCESS,FAILURE", "Alice@old.test")
+
+
+# ---------------------------------------------------------------- 8-bit downgrade (rfc6152 3)
+
+NO_8BITMIME = ["PIPELINING", "SIZE 1000000"]
+MIME_8BIT = (
+    b"From: carol@example.test\r\nTo: alice@remote.test\r\nSubject: 8-bit\r\nMIME-Version: 1.0\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+) + "Grüße aus Köln\r\n".encode()
+
+
+def test_8bit_mime_message_is_downgraded_for_a_peer_without_8bitmime(tmp_path):
+    """An 8-bit MIME message to a peer without 8BITMIME goes as 7-bit MIME:
+    quoted-printable, our Received: line kept, no BODY, SIZE of what is sent;
+    the temporary 7-bit file is gone afterwards."""
+    relay = Relay(tmp_path)
+    script = relay.net.add("192.0.2.25", 25, Scripted(extensions=NO_8BITMIME)).script
+    message = relay.queue(MIME_8BIT, parameters=(("BODY", "8BITMIME"),))
+    assert result_of(relay.deliver(message)) == {"alice@remote.test": RELAYED}
+    [sent] = script["messages"]
+    assert sent == downgrade_bytes(relay.wire(message)) and sent.isascii()
+    assert sent.startswith(b"Received: from client.example.test ([127.0.0.1]) by relay.example.test")
+    assert b"Content-Transfer-Encoding: quoted-printable\r\n" in sent
+    assert f"MAIL FROM:<carol@example.test> SIZE={len(sent)}" in script["commands"]
+    parsed = email.message_from_bytes(sent, policy=email.policy.compat32)
+    assert parsed.get_payload(decode=True) == "Grüße aus Köln\r\n".encode()
+    assert list((relay.spool.directory / "tmp").iterdir()) == []
+
+
+def test_downgrade_is_made_once_per_delivery(tmp_path):
+    """Two domains whose hosts both lack 8BITMIME get the same 7-bit bytes,
+    converted once (one blocking call for the scan, one for the conversion)."""
+    mx = {d: [(f"mx.{d}", [f"192.0.2.{i}"])] for i, d in enumerate(("remote.test", "other.test"), 1)}
+    relay = Relay(tmp_path, mx=mx)
+    calls = []
+
+    def run_blocking(f, *args):
+        calls.append(f.__name__)
+        return defer.maybeDeferred(f, *args)
+
+    relay.agent = RelayAgent(relay.config, relay.mx, relay.net.connect, relay.clock, relay.spool, "relay.example.test",
+                             run_blocking=run_blocking)
+    scripts = [relay.net.add(f"192.0.2.{i}", 25, Scripted(extensions=NO_8BITMIME)).script for i in (1, 2)]
+    message = relay.queue(MIME_8BIT, recipients=("alice@remote.test", "u@other.test"), parameters=(("BODY", "8BITMIME"),))
+    assert result_of(relay.deliver(message)) == {"alice@remote.test": RELAYED, "u@other.test": RELAYED}
+    assert calls == ["_scan", "_convert"]
+    assert scripts[0]["messages"] == scripts[1]["messages"] == [downgrade_bytes(relay.wire(message))]
+    assert list((relay.spool.directory / "tmp").iterdir()) == []
+
+
+def test_too_large_to_downgrade_is_5_6_3(tmp_path):
+    """An 8-bit MIME message over the agent's downgrade limit is not converted: 5.6.3, nothing sent."""
+    relay = Relay(tmp_path)
+    relay.agent = RelayAgent(relay.config, relay.mx, relay.net.connect, relay.clock, relay.spool, "relay.example.test",
+                             downgrade_limit=100)
+    script = relay.net.add("192.0.2.25", 25, Scripted(extensions=NO_8BITMIME)).script
+    message = relay.queue(MIME_8BIT, parameters=(("BODY", "8BITMIME"),))
+    error = result_of(relay.deliver(message))["alice@remote.test"]
+    assert isinstance(error, PermanentDeliveryError) and error.status == "5.6.3"
+    assert "too large to convert" in error.text and "messages" not in script
+    assert list((relay.spool.directory / "tmp").iterdir()) == []
+
+
+def test_8bit_goes_as_it_is_to_a_peer_with_8bitmime(tmp_path):
+    """The same message to a peer that offers 8BITMIME is not converted: BODY=8BITMIME, bytes as queued."""
+    relay = Relay(tmp_path)
+    script = relay.net.add("192.0.2.25", 25, Scripted()).script
+    message = relay.queue(MIME_8BIT, parameters=(("BODY", "8BITMIME"),))
+    assert result_of(relay.deliver(message)) == {"alice@remote.test": RELAYED}
+    assert script["messages"] == [relay.wire(message)]
+    assert any(c.endswith(" BODY=8BITMIME") for c in script["commands"])
+
+
+# ---------------------------------------------------------------- connection reuse (rfc5321 3.3)
+
+
+def verbs(script):
+    """The command verbs a scripted peer got, in order."""
+    return [command.split()[0] for command in script["commands"]]
+
+
+def test_two_messages_to_our_server_share_one_connection(tmp_path):
+    """Two messages one after the other to the same host: one connection
+    (one connect, one EHLO), two transactions; our server glue takes both."""
+    relay = Relay(tmp_path)
+    peer = relay.net.add("192.0.2.25", 25, Peer(tmp_path / "peer", relay.clock))
+    first, second = relay.queue(HEADERS + b"one\r\n"), relay.queue(HEADERS + b"two\r\n")
+    assert result_of(relay.deliver(first)) == {"alice@remote.test": PASSED_ON}
+    assert result_of(relay.deliver(second)) == {"alice@remote.test": PASSED_ON}
+    assert relay.net.attempts == [("192.0.2.25", 25)]
+    assert sorted(data for _, data in peer.received()) == sorted([relay.wire(first), relay.wire(second)])
+
+
+def test_reuse_says_rset_after_a_refused_transaction(tmp_path):
+    """The second message reuses the connection: MAIL again without EHLO,
+    and RSET first when the peer may still hold the refused transaction
+    (rfc5321 4.1.1.5)."""
+    relay = Relay(tmp_path)
+    script = relay.net.add("192.0.2.25", 25, Scripted(rcpt={"nobody@remote.test": b"550 5.1.1 no"})).script
+    refused = relay.queue(HEADERS + b"one\r\n", recipients=("nobody@remote.test",))
+    error = result_of(relay.deliver(refused))["nobody@remote.test"]
+    assert isinstance(error, PermanentDeliveryError)
+    assert result_of(relay.deliver(relay.queue(HEADERS + b"two\r\n"))) == {"alice@remote.test": RELAYED}
+    assert verbs(script) == ["EHLO", "MAIL", "RCPT", "DATA", "RSET", "MAIL", "RCPT", "DATA"]
+    assert len(relay.net.attempts) == 1
+
+
+def test_max_messages_per_connection_forces_a_new_connection(tmp_path):
+    """With max_messages_per_connection = 2, the third message opens a second
+    connection; the first was QUIT after its second transaction."""
+    relay = Relay(tmp_path, max_messages_per_connection=2)
+    script = relay.net.add("192.0.2.25", 25, Scripted()).script
+    for n in range(3):
+        message = relay.queue(HEADERS + b"message %d\r\n" % n)
+        assert result_of(relay.deliver(message)) == {"alice@remote.test": RELAYED}
+    assert len(relay.net.attempts) == 2
+    assert verbs(script) == ["EHLO", "MAIL", "RCPT", "DATA", "MAIL", "RCPT", "DATA", "QUIT", "EHLO", "MAIL", "RCPT", "DATA"]
+    assert relay.net.open == 1 and len(script["messages"]) == 3
+
+
+def test_idle_connection_is_quit_after_the_idle_timeout(tmp_path):
+    """An idle connection stays open for idle_timeout (5 s here), then gets
+    QUIT; the next message connects again."""
+    relay = Relay(tmp_path)
+    script = relay.net.add("192.0.2.25", 25, Scripted()).script
+    assert result_of(relay.deliver(relay.queue(HEADERS + b"one\r\n"))) == {"alice@remote.test": RELAYED}
+    relay.clock.advance(4.9)
+    relay.net.settle()
+    assert relay.net.open == 1 and "QUIT" not in verbs(script)
+    relay.clock.advance(0.1)
+    relay.net.settle()
+    assert relay.net.open == 0 and verbs(script)[-1] == "QUIT"
+    assert result_of(relay.deliver(relay.queue(HEADERS + b"two\r\n"))) == {"alice@remote.test": RELAYED}
+    assert len(relay.net.attempts) == 2
+
+
+def test_idle_connection_closed_by_the_peer_leaves_the_pool(tmp_path):
+    """The peer closes an idle connection: it is forgotten at once and the
+    next message gets a new one."""
+    relay = Relay(tmp_path)
+    relay.net.add("192.0.2.25", 25, Scripted())
+    assert result_of(relay.deliver(relay.queue(HEADERS + b"one\r\n"))) == {"alice@remote.test": RELAYED}
+    relay.net.pumps[0].serverIO.loseConnection()
+    relay.net.settle()
+    assert relay.net.open == 0 and relay.agent._pool.in_use == 0
+    assert result_of(relay.deliver(relay.queue(HEADERS + b"two\r\n"))) == {"alice@remote.test": RELAYED}
+    assert len(relay.net.attempts) == 2
+
+
+class DiesOnReuse(ScriptedPeer):
+    """A scripted peer whose connection is dead for a second transaction:
+    the second MAIL on a connection gets ``421`` and a close, or (``drop``)
+    a close without a word, as from a peer that timed the idle session out."""
+
+    mails = 0
+
+    def dataReceived(self, data):
+        if not self.in_data and b"MAIL FROM:" in data:
+            self.mails += 1
+            if self.mails == 2:
+                if not self.script.get("drop"):
+                    self.transport.write(b"421 4.4.2 idle too long, closing\r\n")
+                self.transport.loseConnection()
+                return
+        super().dataReceived(data)
+
+
+class DiesOnReuseFactory(Scripted):
+    """Factory of ``DiesOnReuse`` peers."""
+
+    def buildProtocol(self, addr):
+        return DiesOnReuse(self.script)
+
+
+def test_dead_reused_connection_is_replaced(tmp_path):
+    """A kept connection that breaks at the next MAIL (421, or closed without
+    a word) is replaced by a new connection to the same host, and the
+    message goes through: no error, no other MX tried."""
+    for drop in (False, True):
+        relay = Relay(tmp_path / str(drop), mx={"remote.test": [("mx1.remote.test", ["192.0.2.1"]), ("mx2.remote.test", ["192.0.2.2"])]})
+        script = relay.net.add("192.0.2.1", 25, DiesOnReuseFactory(drop=drop)).script
+        first, second = relay.queue(HEADERS + b"one\r\n"), relay.queue(HEADERS + b"two\r\n")
+        assert result_of(relay.deliver(first)) == {"alice@remote.test": RELAYED}
+        assert result_of(relay.deliver(second)) == {"alice@remote.test": RELAYED}
+        assert relay.net.attempts == [("192.0.2.1", 25), ("192.0.2.1", 25)]
+        assert script["messages"] == [relay.wire(first), relay.wire(second)]
+        assert relay.agent._pool.in_use == 1  # the new one, idle
+
+
+def test_idle_connections_count_toward_max_connections(tmp_path):
+    """With max_connections = 1, a connection kept idle for a.test is QUIT
+    (and closed) before one to b.test is opened."""
+    mx = {d: [(f"mx.{d}", [f"192.0.2.{i}"])] for i, d in enumerate(("a.test", "b.test"), 1)}
+    relay = Relay(tmp_path, mx=mx, max_connections=1)
+    a, b = (relay.net.add(f"192.0.2.{i}", 25, Scripted()).script for i in (1, 2))
+    assert result_of(relay.deliver(relay.queue(HEADERS + b"x\r\n", recipients=("u@a.test",)))) == {"u@a.test": RELAYED}
+    assert relay.net.open == 1
+    assert result_of(relay.deliver(relay.queue(HEADERS + b"x\r\n", recipients=("u@b.test",)))) == {"u@b.test": RELAYED}
+    assert verbs(a)[-1] == "QUIT" and len(b["messages"]) == 1
+    assert relay.net.most_open == 1
+
+
+def test_per_destination_cap_hands_the_connection_on(tmp_path):
+    """With max_connections_per_destination = 1, two messages delivered at the
+    same time to one host: the second waits for the first's connection and
+    reuses it."""
+    relay = Relay(tmp_path, max_connections_per_destination=1)
+    script = relay.net.add("192.0.2.25", 25, Scripted()).script
+    first = relay.agent.deliver(relay.queue(HEADERS + b"one\r\n"))
+    second = relay.agent.deliver(relay.queue(HEADERS + b"two\r\n"))
+    relay.net.settle()
+    assert result_of(first) == result_of(second) == {"alice@remote.test": RELAYED}
+    assert len(relay.net.attempts) == 1 and relay.net.most_open == 1
+    assert verbs(script).count("MAIL") == 2
+
+
+def test_close_quits_idle_connections(tmp_path):
+    """``close()`` QUITs the idle connections and fires once they are closed;
+    a message delivered afterwards does not keep its connection."""
+    relay = Relay(tmp_path)
+    script = relay.net.add("192.0.2.25", 25, Scripted()).script
+    assert result_of(relay.deliver(relay.queue(HEADERS + b"one\r\n"))) == {"alice@remote.test": RELAYED}
+    closed = relay.agent.close()
+    relay.net.settle()
+    assert result_of(closed) is None
+    assert relay.net.open == 0 and verbs(script)[-1] == "QUIT"
+    assert result_of(relay.deliver(relay.queue(HEADERS + b"two\r\n"))) == {"alice@remote.test": RELAYED}
+    assert relay.net.open == 0 and verbs(script).count("QUIT") == 2
+
+
+class IgnoresQuit(ScriptedPeer):
+    """A scripted peer that never answers QUIT (nor closes)."""
+
+    def dataReceived(self, data):
+        if data.upper().startswith(b"QUIT"):
+            return
+        super().dataReceived(data)
+
+
+def test_close_is_bounded_by_its_timeout(tmp_path):
+    """A peer that never answers QUIT does not hold ``close()`` up for longer
+    than its timeout: the connection is dropped then."""
+    relay = Relay(tmp_path)
+
+    class Factory_(Scripted):
+        def buildProtocol(self, addr):
+            return IgnoresQuit(self.script)
+
+    relay.net.add("192.0.2.25", 25, Factory_())
+    assert result_of(relay.deliver(relay.queue(HEADERS + b"one\r\n"))) == {"alice@remote.test": RELAYED}
+    closed = relay.agent.close(timeout=2)
+    relay.net.settle()
+    assert not closed.called and relay.net.open == 1
+    relay.clock.advance(2)
+    relay.net.settle()
+    assert result_of(closed) is None and relay.net.open == 0
+    assert relay.agent._pool.in_use == 0

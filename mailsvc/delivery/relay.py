@@ -6,10 +6,27 @@ message it groups the pending recipients by domain and, for each domain:
 1. finds where to send: a ``[[relay.route]]`` for the domain, else the
    ``[relay] smarthost``, else the domain's MX hosts (``MXResolver``,
    rfc5321 5.1: every address of every MX, best first, on ``[relay] port``);
-2. connects (``connect_timeout``), under the caps ``max_connections`` in all
-   and ``max_connections_per_destination`` per host and port;
+2. takes a connection to that host and port (``mailsvc.delivery.pool``):
+   one kept idle from an earlier message (rfc5321 3.3: several
+   transactions per session; the client machine says RSET when needed),
+   else a new one (``connect_timeout``), under the caps ``max_connections``
+   in all and ``max_connections_per_destination`` per host and port, idle
+   connections counted;
 3. sends one transaction (``mailsvc.clientprotocol``) with SIZE (rfc1870) and
-   BODY=8BITMIME when the message came with it (rfc6152), then QUIT.
+   BODY=8BITMIME when the message came with it and the peer offers 8BITMIME
+   (rfc6152). To a peer without it, an 8-bit message is converted to 7-bit
+   MIME (``mailsvc.delivery.downgrade``: quoted-printable or base64 parts,
+   made once per delivery off the reactor thread) and sent without BODY,
+   SIZE being the converted size; one that cannot be converted (not MIME,
+   8-bit header fields, too large) fails with 5.6.3 (rfc6152 3);
+4. keeps the connection idle for the next message to the same host and port
+   when the session is still good, until it has carried
+   ``max_messages_per_connection`` transactions or stays unused for
+   ``idle_timeout`` seconds; then QUIT. ``close()`` QUITs the idle ones.
+
+A kept connection that turns out dead when reused (lost, timed out or 421
+before any RCPT reply) is replaced by a new one at once, without trying the
+next address.
 
 The next address is tried when the connection fails, the greeting or HELO is
 refused with 4xx (421 included), the session breaks (421, timeout, lost
@@ -25,24 +42,24 @@ When every address failed, the last reason is returned as a temporary error
 Before connecting, a message with more ``Received:`` headers than
 ``max_received_headers`` is failed with 5.4.6 (rfc5321 6.3: a loop).
 
+DSN parameters (rfc3461) are passed on to a peer that offers DSN (NOTIFY and
+ORCPT per recipient, RET and ENVID per message); then the peer sends any
+success report. To a peer without DSN, a recipient that asked for
+NOTIFY=SUCCESS gets a "relayed" report from us (rfc3461 5.2.2).
+
 Not done yet, and refused honestly rather than done half-way:
 
 - STARTTLS: a route with ``tls = "required"`` defers with 4.7.5;
   ``opportunistic`` routes and MX hosts are sent to in clear text.
 - AUTH to a relay host: a route with ``username`` defers.
-- 8-bit downgrade (rfc6152 3 allows converting to 7-bit MIME): an 8-bit
-  message to a peer without 8BITMIME fails with 5.6.3.
-- Connection reuse: each domain of each message gets its own connection
-  (``max_messages_per_connection`` is not used yet).
-- DSN parameters (rfc3461) are passed on to a peer that offers DSN (NOTIFY
-  and ORCPT per recipient, RET and ENVID per message); then the peer sends
-  any success report. To a peer without DSN, a recipient that asked for
-  NOTIFY=SUCCESS gets a "relayed" report from us (rfc3461 5.2.2). Formerly: RET and ENVID
-  are, when the peer offers DSN.
+- 8-bit header fields are not encoded (rfc2047) for a peer without
+  8BITMIME: such a message bounces with 5.6.3, as does one over the
+  downgrade limit (it is converted in memory).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Callable, Iterable
 
@@ -63,10 +80,13 @@ from mailsvc.clientprotocol import (
     SMTPSessionError,
     timeouts_from,
 )
+from mailsvc.delivery.downgrade import CannotDowngrade
+from mailsvc.delivery.outgoing import OutgoingMessage
+from mailsvc.delivery.pool import ConnectionPool, PooledConnection
 from mailsvc.envelope import Delivered, QueuedMessage, Recipient, RecipientState
 from mailsvc.errors import DeliveryError, PermanentDeliveryError, TemporaryDeliveryError
 from mailsvc.interfaces import IDeliveryAgent
-from mailsvc.smtp.client import ClientSettings
+from mailsvc.smtp.client import ClientSettings, State
 from mailsvc.smtp.client_events import Transaction
 from mailsvc.smtp import xtext
 from mailsvc.smtp.replies import Reply
@@ -74,6 +94,13 @@ from mailsvc.smtp.replies import Reply
 # The MAIL parameters of the received message that are passed on (when the
 # peer offers their extension; the client machine checks that).
 _PASSED_ON = ("RET", "ENVID", "SMTPUTF8")
+
+# The largest message converted to 7-bit (it is read whole to do it).
+DOWNGRADE_LIMIT = 16 * 1024 * 1024
+
+# What _converse returns when a reused connection was found dead before the
+# peer answered anything of the transaction: connect again.
+_STALE = object()
 
 
 def endpoint_connector(reactor) -> Callable:
@@ -108,7 +135,12 @@ class RelayAgent:
     :param helo_name: the name we give in EHLO.
     :param log: a ``twisted.logger.Logger``.
     :param run_blocking: ``run_blocking(f, *args) -> Deferred`` for the scan
-        of the message before it is sent (production: a thread pool).
+        of the message before it is sent and its 7-bit conversion
+        (production: a thread pool).
+    :param idle_timeout: seconds a connection is kept open, unused, for the
+        next message to the same host and port.
+    :param downgrade_limit: the largest message (octets) converted to 7-bit
+        for a peer without 8BITMIME; a larger one is bounced with 5.6.3.
     """
 
     def __init__(
@@ -121,6 +153,8 @@ class RelayAgent:
         helo_name: str,
         log: Logger | None = None,
         run_blocking: Callable | None = None,
+        idle_timeout: float = 5.0,
+        downgrade_limit: int = DOWNGRADE_LIMIT,
     ) -> None:
         self._config = relay_config
         self._mx = mx_resolver
@@ -131,8 +165,20 @@ class RelayAgent:
         self._timeouts = timeouts_from(relay_config)
         self._log = log or Logger(namespace="mailsvc.delivery.relay")
         self._blocking = run_blocking or defer.maybeDeferred
-        self._all_connections = defer.DeferredSemaphore(relay_config.max_connections)
-        self._per_destination: dict[str, defer.DeferredSemaphore] = {}
+        self._downgrade_limit = downgrade_limit
+        self._pool = ConnectionPool(
+            clock,
+            relay_config.max_connections,
+            relay_config.max_connections_per_destination,
+            relay_config.max_messages_per_connection,
+            idle_timeout,
+        )
+
+    def close(self, timeout: float = 10.0) -> defer.Deferred:
+        """QUIT the idle connections (on shutdown); connections busy now are
+        QUIT when their message is done. Fires once the idle ones are closed
+        (those still open after ``timeout`` seconds are dropped)."""
+        return self._pool.close(timeout)
 
     # ---------------------------------------------------------- IDeliveryAgent
 
@@ -166,12 +212,16 @@ class RelayAgent:
         by_domain: dict[str, list[str]] = {}
         for address in pending:
             by_domain.setdefault(address.rpartition("@")[2].lower().rstrip("."), []).append(address)
-        outcomes = await defer.gatherResults(
-            [
-                defer.Deferred.fromCoroutine(self._deliver_domain_safely(message, domain, addresses, size))
-                for domain, addresses in by_domain.items()
-            ]
-        )
+        content = OutgoingMessage(self._spool, message, self._blocking, self._downgrade_limit)
+        try:
+            outcomes = await defer.gatherResults(
+                [
+                    defer.Deferred.fromCoroutine(self._deliver_domain_safely(message, content, domain, addresses, size))
+                    for domain, addresses in by_domain.items()
+                ]
+            )
+        finally:
+            content.close()
         results: dict = {}
         for outcome in outcomes:
             results.update(outcome)
@@ -195,14 +245,14 @@ class RelayAgent:
 
     # ---------------------------------------------------------- one domain
 
-    async def _deliver_domain_safely(self, message, domain, addresses, size) -> dict:
+    async def _deliver_domain_safely(self, message, content, domain, addresses, size) -> dict:
         try:
-            return await self._deliver_domain(message, domain, addresses, size)
+            return await self._deliver_domain(message, content, domain, addresses, size)
         except Exception as e:
             self._log.failure("relay of id={id} to domain {domain} failed unexpectedly", id=message.id, domain=domain)
             return _all(addresses, TemporaryDeliveryError(f"internal error: {e.__class__.__name__}: {e}", "4.3.0"))
 
-    async def _deliver_domain(self, message: QueuedMessage, domain: str, addresses: list[str], size: int) -> dict:
+    async def _deliver_domain(self, message: QueuedMessage, content, domain: str, addresses: list[str], size: int) -> dict:
         results: dict = {}
         if not domain:
             return _all(addresses, PermanentDeliveryError("recipient address has no domain", "5.1.3"))
@@ -253,7 +303,7 @@ class RelayAgent:
 
         last: DeliveryError = TemporaryDeliveryError(f"no host to try for {domain}", "4.4.4")
         for name, host, port in targets:
-            outcome = await self._attempt(message, transaction, name, host, port)
+            outcome = await self._attempt(message, content, transaction, name, host, port)
             if isinstance(outcome, dict):
                 return {**results, **outcome}
             last = outcome
@@ -270,32 +320,47 @@ class RelayAgent:
 
     # ---------------------------------------------------------- one address
 
-    async def _attempt(self, message, transaction, name, host, port):
-        """One connection to ``host:port`` under the connection caps.
+    async def _attempt(self, message, content, transaction, name, host, port):
+        """One transaction with ``host:port``: on an idle connection kept from
+        an earlier message, else a new one, under the connection caps.
 
         Returns the per-recipient results (done with this domain), or a
         ``DeliveryError``: temporary to try the next address, permanent to
         fail every recipient.
         """
-        key = f"{host}:{port}"
-        await self._all_connections.acquire()
-        try:
-            semaphore = self._per_destination.get(key)
-            if semaphore is None:
-                semaphore = defer.DeferredSemaphore(self._config.max_connections_per_destination)
-                self._per_destination[key] = semaphore
-            await semaphore.acquire()
-            try:
-                return await self._session(message, transaction, name, host, port)
-            finally:
-                semaphore.release()
-                if semaphore.tokens == semaphore.limit and not semaphore.waiting:
-                    self._per_destination.pop(key, None)
-        finally:
-            self._all_connections.release()
-
-    async def _session(self, message, transaction: Transaction, name: str, host: str, port: int):
         where = f"{name}[{host}]:{port}" if name != host else f"{host}:{port}"
+        slot = await self._pool.acquire((host, port))
+        try:
+            while True:
+                reused = slot.protocol is not None
+                if not reused:
+                    error = await self._connect(slot, host, port, where)
+                    if error is not None:
+                        self._pool.release(slot, reuse=False)
+                        return error
+                outcome = await self._converse(slot, message, content, transaction, name, where)
+                if outcome is not _STALE:
+                    break
+                # The kept connection died while idle: a new one, at once.
+                self._log.info("idle connection to {where} is gone; connecting again", where=where)
+                self._pool.discard(slot)
+        except BaseException:
+            self._pool.release(slot, reuse=False, abort=True)
+            raise
+        # rfc5321 3.3: a session that is ready again may carry the next message.
+        self._pool.release(slot, reuse=slot.protocol.machine.state is State.READY)
+        if isinstance(outcome, dict):
+            self._log.info(
+                "relayed id={id} to {where}{again}: {summary}",
+                id=message.id,
+                where=where,
+                again=" (connection reused)" if reused else "",
+                summary=", ".join(f"<{a}> {e if isinstance(e, DeliveryError) else 'sent'}" for a, e in outcome.items()),
+            )
+        return outcome
+
+    async def _connect(self, slot: PooledConnection, host: str, port: int, where: str) -> DeliveryError | None:
+        """Connect ``slot`` to ``host:port``; the error when that failed."""
         factory = SMTPClientFactory(self._settings, self._clock, self._timeouts)
         connecting = defer.maybeDeferred(self._connector, host, port, factory)
         connecting.addTimeout(self._config.connect_timeout, self._clock)
@@ -305,33 +370,42 @@ class RelayAgent:
             # rfc3463 3.5: X.4.1 no answer from host; X.4.3 the name did not resolve.
             status = "4.4.3" if isinstance(e, net_error.DNSLookupError) else "4.4.1"
             return TemporaryDeliveryError(f"connect to {where}: {_describe(e)}", status)
-        try:
-            outcome = await self._converse(protocol, message, transaction, name, where)
-        except BaseException:
-            protocol.abort()
-            raise
-        await protocol.quit()
-        if not isinstance(outcome, dict):
-            return outcome
-        self._log.info(
-            "relayed id={id} to {where}: {summary}",
-            id=message.id,
-            where=where,
-            summary=", ".join(f"<{a}> {e if isinstance(e, DeliveryError) else 'sent'}" for a, e in outcome.items()),
-        )
-        return outcome
+        self._pool.connected(slot, protocol)
+        return None
 
-    async def _converse(self, protocol, message, transaction, name, where):
-        """Greeting, EHLO and one transaction: per-recipient results or one error."""
-        try:
-            await protocol.ready
-        except SMTPSessionError as e:
-            return _session_error(name, where, e)
-        body = self._spool.open(message)
+    async def _converse(self, slot: PooledConnection, message, content, transaction, name, where):
+        """Greeting and EHLO (on a new connection), then one transaction:
+        per-recipient results, one error, or ``_STALE`` for a reused
+        connection that broke before the peer answered any of it."""
+        protocol = slot.protocol
+        if not slot.reused:
+            try:
+                await protocol.ready
+            except SMTPSessionError as e:
+                return _session_error(name, where, e)
+        if transaction.body_8bit and "8BITMIME" not in protocol.extensions:
+            # rfc6152 3: no 8-bit data to this peer: convert to 7-bit MIME, or bounce.
+            try:
+                size = await content.seven_bit()
+            except CannotDowngrade as e:
+                return PermanentDeliveryError(
+                    f"host {name} does not offer 8BITMIME and the message cannot be"
+                    f" converted to 7-bit: {e.reason}",
+                    "5.6.3",
+                )
+            except OSError as e:
+                return TemporaryDeliveryError(f"cannot convert the message to 7-bit: {e}", "4.3.0")
+            transaction = dataclasses.replace(transaction, size=size, body_8bit=False)
+            body = content.open_seven_bit()
+        else:
+            body = content.open()
+        slot.uses += 1
         try:
             result = await protocol.send(transaction, body)
         except SMTPSessionError as e:
             if not e.data_sent:
+                if slot.reused and _unanswered(e):
+                    return _STALE
                 return _session_error(name, where, e)
             return self._lost_after_data(name, where, transaction, e)
         finally:
@@ -380,6 +454,14 @@ def _session_error(name: str, where: str, error: SMTPSessionError) -> DeliveryEr
     return TemporaryDeliveryError(f"conversation with {where} failed: {error.reason}", "4.4.2")
 
 
+def _unanswered(error: SMTPSessionError) -> bool:
+    """True when the session broke before the peer answered any RCPT (lost,
+    timed out, or 421): nothing of the transaction was done, so it may be
+    started again on a new connection."""
+    answered = error.partial is not None and bool(error.partial.recipients)
+    return not answered and (error.reply is None or error.reply.code == 421)
+
+
 def _dsn_parameters(recipient: Recipient | None) -> dict:
     """rfc3461 4.1, 4.2: the NOTIFY and ORCPT to pass on for ``recipient``
     (sent only if the peer offers DSN: the client machine filters them)."""
@@ -403,8 +485,6 @@ def _results(name: str, transaction: Transaction, result: SendResult, peer_dsn: 
         if result.synthetic:
             # Our machine refused before sending (SIZE, 8BITMIME, SMTPUTF8).
             text = f"host {name}: {reply.lines[0]}"
-            if reply.enhanced == "5.6.3":
-                text += " (the message is 8-bit; converting it to 7-bit is not done yet)"
             kind = PermanentDeliveryError if reply.code >= 500 else TemporaryDeliveryError
             return kind(text, reply.enhanced or "5.0.0")
         # MAIL refused: 5xx fails everyone; 4xx concerns the whole transaction.
