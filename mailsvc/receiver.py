@@ -54,6 +54,20 @@ class ReceiverSettings:
     # rfc6409 6.1: an authenticated user may only send as one of its own addresses.
     require_sender_match: bool = False
 
+    @classmethod
+    def from_config(cls, cfg, **overrides) -> "ReceiverSettings":
+        """The settings ``[server]``, ``[smtp]`` and ``[local]`` give; ``overrides``
+        set the rest (``submission``, ``require_sender_match``)."""
+        smtp = cfg.smtp
+        return cls(
+            hostname=cfg.server.hostname,
+            vrfy=smtp.vrfy,
+            expn=smtp.expn,
+            trusted_networks=tuple(smtp.trusted_networks),
+            default_domain=cfg.local.domains[0] if cfg.local.domains else "",
+            **overrides,
+        )
+
 
 @dataclass
 class ReceiverContext:

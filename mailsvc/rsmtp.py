@@ -480,19 +480,13 @@ def build(cfg: configuration.Config) -> tuple[ReceiverContext, ServerSettings]:
         raise SpoolError(f"cannot use the spool {cfg.server.spool_dir}: {e}") from e
     smtp = cfg.smtp
     context = ReceiverContext(
-        settings=ReceiverSettings(
-            hostname=cfg.server.hostname,
-            vrfy=smtp.vrfy,
-            expn=smtp.expn,
-            trusted_networks=tuple(smtp.trusted_networks),
-            default_domain=cfg.local.domains[0] if cfg.local.domains else "",
-        ),
+        settings=ReceiverSettings.from_config(cfg),
         directory=directory,
         spool=spool,
         submit=lambda message: None,  # the running server's next scan finds it
         run_blocking=defer.maybeDeferred,
         policies=policies,
-        router=Router({domain: site.hop for site in cfg.uucp_sites for domain in site.domains}),
+        router=Router.from_config(cfg),
     )
     settings = ServerSettings(
         hostname=cfg.server.hostname,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 
 from twisted.application import service
-from twisted.internet import defer, threads
+from twisted.internet import threads
 from twisted.logger import Logger
 from twisted.plugin import getPlugins
 from twisted.python import usage
@@ -115,8 +115,7 @@ def build(cfg: configuration.Config, reactor) -> service.MultiService:
     spool_log = Logger(namespace="mailsvc.spool")
     spool = FileSpool(cfg.server.spool_dir, log=lambda text: spool_log.warn("{text}", text=text))
     delivery = cfg.delivery
-    # Mail for a [[uucp.site]] domain is spooled under the site's hop (uucp.<name>).
-    router = Router({domain: site.hop for site in cfg.uucp_sites for domain in site.domains})
+    router = Router.from_config(cfg)
     bouncer = Bouncer(spool, directory, cfg.server.hostname, submit=lambda m: runner.submit(m), run_blocking=run_blocking, routes=router.routes,
         give_up_after=delivery.give_up_after)
     relay = cfg.relay
@@ -147,15 +146,8 @@ def build(cfg: configuration.Config, reactor) -> service.MultiService:
         reporter=bouncer.report,
         delay_warning_after=cfg.relay.delay_warning_after,
     )
-    smtp = cfg.smtp
     context = ReceiverContext(
-        settings=ReceiverSettings(
-            hostname=cfg.server.hostname,
-            vrfy=smtp.vrfy,
-            expn=smtp.expn,
-            trusted_networks=tuple(smtp.trusted_networks),
-            default_domain=cfg.local.domains[0] if cfg.local.domains else "",
-        ),
+        settings=ReceiverSettings.from_config(cfg),
         directory=directory,
         spool=spool,
         submit=runner.submit,

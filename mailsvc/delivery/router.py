@@ -26,6 +26,11 @@ class Router:
     def __init__(self, domain_hops: Mapping[str, str] | None = None) -> None:
         self.domain_hops = {d.lower().rstrip("."): hop for d, hop in (domain_hops or {}).items()}
 
+    @classmethod
+    def from_config(cls, cfg) -> "Router":
+        """The router ``cfg`` describes: each ``[[uucp.site]]`` domain to its site's hop."""
+        return cls({domain: site.hop for site in cfg.uucp_sites for domain in site.domains})
+
     def hop_for(self, recipient: Recipient) -> str:
         """The spool hop of ``recipient``."""
         if recipient.mailbox:
