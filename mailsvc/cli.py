@@ -7,6 +7,8 @@
     mailsvc queue flush [DOMAIN]                 try now what waits (for DOMAIN)
     mailsvc queue hold|release|delete ID         act on one message
     mailsvc sendmail [-t] [-i] [-f sender] [-F name] [rcpt ...]
+    mailsvc turn HOST[:PORT] --user U --password-file F [--atrn|--turn]
+                                                 call a provider in; receive the held mail
 
 ``list`` and ``show`` read the spool directly and change nothing: they work
 with the server stopped. ``flush``, ``hold``, ``release`` and ``delete`` ask
@@ -74,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         from mailsvc import rsmtp
 
         return rsmtp.main(argv[len(head) + 1 :] + head)
+    if argv[len(head) : len(head) + 1] == ["turn"]:  # call a provider in (ATRN/TURN): mailsvc.callin
+        from mailsvc import callin
+
+        return callin.main(argv[len(head) + 1 :] + head)
     if argv[len(head) : len(head) + 1] == ["passwd"]:  # set an AUTH password: mailsvc.passwd
         from mailsvc import passwd
 

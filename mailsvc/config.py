@@ -22,7 +22,9 @@ from types import MappingProxyType
 
 from mailsvc import aliases as aliasfiles
 from mailsvc.errors import ConfigError
+from mailsvc.pop3config import POP3Config, read_pop3
 from mailsvc.securityconfig import AuthConfig, SubmissionConfig, TLSConfig, read_auth, read_submission, read_tls
+from mailsvc.turnconfig import ATRNConfig, HoldSiteConfig, read_atrn, read_hold
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -192,6 +194,9 @@ class Config:
     tls: TLSConfig = TLSConfig()
     auth: AuthConfig = AuthConfig()
     submission: SubmissionConfig = SubmissionConfig()
+    pop3: POP3Config = POP3Config()  # [pop3] (mailsvc.pop3config)
+    hold_sites: tuple[HoldSiteConfig, ...] = ()  # [[hold.site]] (mailsvc.turnconfig)
+    atrn: ATRNConfig = ATRNConfig()  # [atrn]
 
 
 def load(path: str | os.PathLike) -> Config:
@@ -236,7 +241,7 @@ def checkDomain(name: str) -> str | None:
 
 # ---------------------------------------------------------------- reading
 
-_TABLES = ("server", "smtp", "local", "store", "delivery", "policy", "relay", "uucp", "tls", "auth", "submission")
+_TABLES = ("server", "smtp", "local", "store", "delivery", "policy", "relay", "uucp", "tls", "auth", "submission", "hold", "atrn", "pop3")
 _NO_REACTOR = object()  # parsing an endpoint string only stores the reactor
 _DEFAULT_ALIASES = {"postmaster": ["alice"], "team": ["alice", "bob"]}
 
@@ -356,15 +361,21 @@ def _read(data: dict, path: Path) -> Config:
         base_dir=base,
         server=_readServer(server, base),
         smtp=_readSMTP(table("smtp", tuple(SMTPConfig.__dataclass_fields__))),
-        local=_readLocal(table("local", ("domains", "users", "users_file", "aliases", "aliases_file", "directory")), base),
+        local=(local := _readLocal(table("local", ("domains", "users", "users_file", "aliases", "aliases_file", "directory")), base)),
         store=_readStore(table("store", None), base),
         delivery=_readDelivery(table("delivery", tuple(DeliveryConfig.__dataclass_fields__))),
         policies=_readPolicies(fileName, data.get("policy", [])),
         relay=_readRelay(fileName, table("relay", _RELAY_KEYS), base),
-        uucp_sites=_readUucp(fileName, table("uucp", ("site",))),
+        uucp_sites=(uucp := _readUucp(fileName, table("uucp", ("site",)))),
         tls=read_tls(table("tls", tuple(TLSConfig.__dataclass_fields__)), base),
         auth=read_auth(table("auth", tuple(AuthConfig.__dataclass_fields__)), base),
         submission=read_submission(table("submission", tuple(SubmissionConfig.__dataclass_fields__)), checkEndpoint),
+        pop3=read_pop3(table("pop3", tuple(POP3Config.__dataclass_fields__)), checkEndpoint),
+        hold_sites=read_hold(table("hold", ("site",)), checkDomain, {
+            **{d: "[local] domains" for d in local.domains},
+            **{d: f"uucp site {site.name}" for site in uucp for d in site.domains},
+        }),
+        atrn=read_atrn(table("atrn", tuple(ATRNConfig.__dataclass_fields__)), checkEndpoint),
     )
 
 

@@ -48,6 +48,81 @@ class IMailboxStore(Interface):
         """Whether ``mailbox`` has been created in this store (bool)."""
 
 
+class IMailboxAccess(Interface):
+    """The read side of a mailbox store: what mailbox access (POP3, rfc1939)
+    needs. A store that provides it besides ``IMailboxStore`` can be served
+    by ``mailsvc.pop3``; one that does not cannot, and start-up with a
+    ``[pop3]`` listener stops saying so. Both built-in stores provide it.
+
+    Blocking, like ``IMailboxStore``: the POP3 glue calls it in a thread.
+    """
+
+    def open(mailbox):
+        """Begin a reading session on ``mailbox``; return an ``IMailboxSession``.
+
+        Takes the mailbox's session lock (one session at a time, whatever
+        process asks; delivery is not blocked by it) and lists the messages
+        in it now. A mailbox never delivered to is opened empty.
+
+        :param str mailbox: the mailbox name (a local user name).
+        :raise mailsvc.store.access.MailboxLocked: another session holds it
+            (POP3 answers ``-ERR [IN-USE]``, rfc2449 8.1.2).
+        :raise OSError: it cannot be read.
+        """
+
+
+class IMailboxSession(Interface):
+    """One reading session on one mailbox, from ``IMailboxAccess.open``.
+
+    Messages are numbered from 0 in arrival order and keep their number for
+    the whole session, deleted or not. Deleting only marks a message; it is
+    removed at ``commit`` (POP3's UPDATE state, rfc1939 6). ``list``,
+    ``delete`` and ``undelete`` only look at memory; the others do I/O.
+    """
+
+    def list():
+        """Every message of the session, deleted ones included: a sequence of
+        ``mailsvc.store.access.MessageInfo`` (``uid``: unique and stable
+        across sessions, 1 to 70 characters 0x21-0x7E, rfc1939 7 UIDL;
+        ``size``: octets in wire form, CRLF line ends, before dot-stuffing;
+        ``deleted``)."""
+
+    def read(index):
+        """A binary file object reading message ``index`` as stored: its
+        exact octets without the store's framing (mbox ``From `` line and
+        ``>From`` quoting undone), LF line ends. The caller closes it; it
+        stays readable after ``commit`` or ``close``.
+
+        :raise IndexError: no such message.
+        """
+
+    def markSeen(index):
+        """Record that message ``index`` was retrieved (Maildir: the ``S``
+        flag, in ``cur/``); a store without flags does nothing."""
+
+    def delete(index):
+        """Mark message ``index`` for removal at ``commit``.
+
+        :raise IndexError: no such message.
+        """
+
+    def undelete():
+        """Unmark every message (POP3 RSET)."""
+
+    def commit():
+        """Remove the marked messages durably, all or none where the store
+        allows it (an mbox file is rewritten and renamed into place), then
+        end the session (release the lock). Returns how many were removed.
+
+        :raise OSError: nothing or not all could be removed; the session is
+            ended all the same.
+        """
+
+    def close():
+        """End the session without removing anything (the connection was
+        lost before QUIT). Safe to call more than once, and after ``commit``."""
+
+
 class IMailboxStoreFactory(Interface):
     """A plugin that makes mailbox stores of one kind."""
 

@@ -89,11 +89,16 @@ def authenticator(cfg: configuration.Config, reactor, run_blocking) -> Authentic
     )
 
 
-def smtp_listeners(cfg: configuration.Config, reactor, context: ReceiverContext, run_blocking):
+def smtp_listeners(cfg: configuration.Config, reactor, context: ReceiverContext, run_blocking, turnaround=None):
     """``(mx_factory, services)``: the MX factory (its ``shutdown()`` says 421
-    to every connection of every listener) and one service per endpoint."""
+    to every connection of every listener) and one service per endpoint.
+
+    With a ``turnaround`` (``mailsvc.turnaround.TurnAround``): TURN on every
+    listener, ETRN on the MX ones, and the ODMR listeners of ``[atrn]``
+    (rfc2645; only when a ``[[hold.site]]`` exists)."""
     smtp, submission = cfg.smtp, cfg.submission
-    needs_tls = (smtp.starttls and smtp.listen) or submission.listen or submission.listen_implicit_tls
+    odmr_listen = cfg.atrn.listen if turnaround is not None and cfg.hold_sites else ()
+    needs_tls = (smtp.starttls and smtp.listen) or submission.listen or submission.listen_implicit_tls or odmr_listen
     context_tls = tls_context(cfg) if needs_tls else None
     auth = authenticator(cfg, reactor, run_blocking)
     pool = ConnectionPool(smtp.max_connections, smtp.max_connections_per_client)
@@ -105,12 +110,14 @@ def smtp_listeners(cfg: configuration.Config, reactor, context: ReceiverContext,
         auth_mechanisms=cfg.auth.mechanisms if smtp.auth else (),
         auth_without_tls=cfg.auth.allow_plaintext_without_tls,
         max_errors=smtp.max_errors,
+        etrn=turnaround is not None,  # rfc1985, on the MX listeners
     )
     common = dict(
         clock=reactor,
         command_timeout=smtp.command_timeout,
         data_timeout=smtp.data_timeout,
         pool=pool,
+        turnaround=turnaround,
     )
     mx = SMTPServerFactory(
         context,
@@ -128,7 +135,7 @@ def smtp_listeners(cfg: configuration.Config, reactor, context: ReceiverContext,
         ),
     )
     submission_settings = dataclasses.replace(
-        mx_settings, starttls=True, auth_mechanisms=cfg.auth.mechanisms, auth_required=True
+        mx_settings, starttls=True, auth_mechanisms=cfg.auth.mechanisms, auth_required=True, etrn=False
     )
     starttls = SMTPServerFactory(submission_context, submission_settings, tls=context_tls, authenticator=auth, **common)
     implicit = SMTPServerFactory(
@@ -146,4 +153,13 @@ def smtp_listeners(cfg: configuration.Config, reactor, context: ReceiverContext,
     for description in submission.listen_implicit_tls:
         wrapped = TLSMemoryBIOFactory(context_tls, False, implicit)  # rfc8314 3.3: TLS first
         services.append(StreamServerEndpointService(endpoints.serverFromString(reactor, description), wrapped))
+    if odmr_listen:
+        # rfc2645: EHLO, AUTH (CRAM-MD5 before TLS when allowed), ATRN, QUIT; the rest 502.
+        odmr_settings = dataclasses.replace(
+            mx_settings, odmr=True, etrn=False, starttls=True, auth_mechanisms=cfg.auth.mechanisms,
+            challenge_auth_without_tls=cfg.atrn.challenge_auth_without_tls,
+        )
+        odmr = SMTPServerFactory(context, odmr_settings, tls=context_tls, authenticator=auth, **common)
+        for description in odmr_listen:
+            services.append(StreamServerEndpointService(endpoints.serverFromString(reactor, description), odmr))
     return mx, services

@@ -13,6 +13,12 @@ this factory wrapped in ``TLSMemoryBIOFactory`` with ``implicit_tls=True``.
 
 Limits shared by every listener of a server (``ConnectionPool``): total
 connections and connections per client address, each 421 4.7.0.
+
+Turn-around (TURN, ATRN, ETRN): with a ``turnaround`` (``mailsvc.turnaround``)
+those decisions go to it; once the machine has said 250 to TURN or ATRN
+(``turned``), this protocol writes that reply, lets go of the connection and
+calls ``turnaround.take_over(self, trailing_data)``, which puts the client
+glue in its place on the same transport.
 """
 
 from __future__ import annotations
@@ -57,6 +63,9 @@ _HANDLERS = {
     ev.Expand: "on_expand",
     ev.Turn: "on_turn",
 }
+# Answered by the factory's ``turnaround`` when it has one (else TURN goes to
+# the receiving session, which refuses it; the machine offers no ETRN/ATRN).
+_TURN_HANDLERS = {ev.Turn: "on_turn", ev.Atrn: "on_atrn", ev.Etrn: "on_etrn"}
 
 
 class SMTPServerProtocol(Protocol):
@@ -180,6 +189,14 @@ class SMTPServerProtocol(Protocol):
             return None
         if isinstance(event, ev.StartTLS):
             return None if self.factory.tls is not None else TLS_UNAVAILABLE
+        if type(event) in _TURN_HANDLERS and self.factory.turnaround is not None:
+            handler = getattr(self.factory.turnaround, _TURN_HANDLERS[type(event)])
+            try:
+                return handler(self, event)
+            except Exception:
+                return Failure()
+        if type(event) in (ev.Atrn, ev.Etrn):
+            return Reply.of(502, "5.5.1", "Command not implemented")
         if type(event) in _AUTH_HANDLERS:
             if self.auth is None:
                 return Reply.of(454, "4.7.0", "Temporary authentication failure") if event.needs_reply else None
@@ -203,6 +220,20 @@ class SMTPServerProtocol(Protocol):
             self.machine.reply(result)
         if self.machine.tls_pending:
             self._start_tls()
+        elif self.machine.turned:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        """250 to TURN/ATRN: write it, then give the connection to the client
+        role (rfc821 4.1.1); this protocol is done with it."""
+        self._flush()
+        trailing = self.machine.trailing_data
+        self._gone = True
+        self._cancel_timer()
+        self.factory.release(self)
+        if self.session is not None:
+            self.session.abort()
+        self.factory.turnaround.take_over(self, trailing)
 
     def _start_tls(self) -> None:
         """STARTTLS accepted: 220 in clear, then the handshake; the session starts over."""
@@ -288,6 +319,8 @@ class SMTPServerFactory(Factory):
     :param tls: a context factory for STARTTLS (``mailsvc.tls.ServerTLSContext``), or None.
     :param implicit_tls: the listener is wrapped in TLS (rfc8314): sessions start with TLS active.
     :param authenticator: a ``mailsvc.auth.Authenticator`` when AUTH is offered.
+    :param turnaround: a ``mailsvc.turnaround.TurnAround`` answering TURN,
+        ATRN and ETRN and taking over a turned connection, or None.
     :param pool: the ``ConnectionPool`` shared with the server's other listeners
         (default: one of its own, from ``max_connections`` and ``max_connections_per_client``).
     """
@@ -306,6 +339,7 @@ class SMTPServerFactory(Factory):
         authenticator=None,
         pool: ConnectionPool | None = None,
         max_connections_per_client: int = 0,
+        turnaround=None,
     ) -> None:
         self.context = context
         self.server_settings = server_settings
@@ -315,6 +349,7 @@ class SMTPServerFactory(Factory):
         self.tls = tls
         self.implicit_tls = implicit_tls
         self.authenticator = authenticator
+        self.turnaround = turnaround  # mailsvc.turnaround.TurnAround: TURN, ATRN, ETRN
         self.pool = pool if pool is not None else ConnectionPool(max_connections, max_connections_per_client)
 
     @property

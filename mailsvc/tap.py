@@ -19,7 +19,9 @@ from twisted.python import usage
 
 from mailsvc import config as configuration
 from mailsvc.control import ControlService
+from mailsvc.clientprotocol import timeouts_from
 from mailsvc.delivery.bounce import Bouncer
+from mailsvc.delivery.hold import HoldAgent
 from mailsvc.delivery.local import LocalDeliveryAgent
 from mailsvc.delivery.mx import MXResolver
 from mailsvc.delivery.relay import RelayAgent, endpoint_connector
@@ -33,6 +35,7 @@ from mailsvc.protocol import SMTPServerFactory
 from mailsvc.receiver import ReceiverContext, ReceiverSettings
 from mailsvc.spool.filespool import FileSpool
 from mailsvc.spool.schedule import RetrySchedule
+from mailsvc.turnaround import TurnAround
 
 log = Logger(namespace="mailsvc")
 
@@ -73,6 +76,19 @@ class QueueRunnerService(service.Service):
     def stopService(self):
         super().stopService()
         return self.runner.stop()
+
+
+class TurnAroundService(service.Service):
+    """Stopped before the queue runner: drops the reversed (TURN/ATRN)
+    connections, whose unacknowledged mail stays held, so that the runner's
+    deliveries in flight end."""
+
+    def __init__(self, turnaround: TurnAround) -> None:
+        self.turnaround = turnaround
+
+    def stopService(self):
+        super().stopService()
+        self.turnaround.shutdown()
 
 
 class GoodbyeService(service.Service):
@@ -131,9 +147,12 @@ def build(cfg: configuration.Config, reactor) -> service.MultiService:
     )
     # QUIT the idle outgoing connections kept for reuse before the reactor stops.
     reactor.addSystemEventTrigger("before", "shutdown", relay_agent.close)
+    # [[hold.site]] mail waits for its site to call in (mailsvc.delivery.hold).
+    hold_agent = HoldAgent(cfg.hold_sites)
     runner = QueueRunner(
         spool,
         {
+            **{hop: hold_agent for hop in hold_agent.hops},
             LOCAL: LocalDeliveryAgent(store, spool, run_blocking),
             RELAY: relay_agent,
             **{site.hop: UucpAgent(site, spool, reactor, hostname=cfg.server.hostname) for site in cfg.uucp_sites},
@@ -145,6 +164,7 @@ def build(cfg: configuration.Config, reactor) -> service.MultiService:
         run_blocking=run_blocking,  # spool updates fsync: keep them off the reactor thread
         reporter=bouncer.report,
         delay_warning_after=cfg.relay.delay_warning_after,
+        on_demand_hops=hold_agent.hops,
     )
     context = ReceiverContext(
         settings=ReceiverSettings.from_config(cfg),
@@ -156,9 +176,29 @@ def build(cfg: configuration.Config, reactor) -> service.MultiService:
         router=router,
     )
     # The MX, submission and implicit-TLS listeners (mailsvc.listeners).
-    factory, listeners = smtp_listeners(cfg, reactor, context, run_blocking)
+    # TURN, ATRN and ETRN (mailsvc.turnaround).
+    turnaround = TurnAround(
+        sites=cfg.hold_sites,
+        spool=spool,
+        runner=runner,
+        hold_agent=hold_agent,
+        clock=reactor,
+        helo_name=relay.helo_name or cfg.server.hostname,
+        timeouts=timeouts_from(relay),
+        run_blocking=run_blocking,
+        relay_agent=relay_agent,
+        routed_domains=[route.domain for route in relay.routes],
+        local_domains=cfg.local.domains,
+        etrn_queues=(RELAY, *(site.hop for site in cfg.uucp_sites)),
+    )
+    factory, listeners = smtp_listeners(cfg, reactor, context, run_blocking, turnaround=turnaround)
+    if cfg.pop3.enabled:  # imported here: twisted.mail imports the global reactor
+        from mailsvc.pop3 import pop3_listeners
+
+        listeners = [*listeners, *pop3_listeners(cfg, reactor, store, run_blocking)]
     top = service.MultiService()
     QueueRunnerService(runner).setServiceParent(top)
+    TurnAroundService(turnaround).setServiceParent(top)  # stopped before the runner
     for listener in listeners:
         listener.setServiceParent(top)
     GoodbyeService(factory).setServiceParent(top)  # stopped first (reverse order)

@@ -105,6 +105,7 @@ class RealServer:
         self.port = free_port()
         self.submission_port = free_port()  # [submission] listen (STARTTLS + AUTH)
         self.implicit_tls_port = free_port()  # [submission] listen_implicit_tls (rfc8314)
+        self.atrn_port = free_port()  # [atrn] listen (rfc2645; used only with [[hold.site]])
         self.cert_file = self.root / "tls" / "cert.pem"
         self.key_file = self.root / "tls" / "key.pem"
         self.password_file = self.root / "auth" / "passwd"
@@ -146,6 +147,7 @@ class RealServer:
             },
             "tls": {"cert_file": str(self.cert_file), "key_file": str(self.key_file)},
             "auth": {"password_file": str(self.password_file)},
+            "atrn": {"listen": [f"tcp:{self.atrn_port}:interface=127.0.0.1"]},
         }
         for name, keys in self.sections.items():
             table = tables.setdefault(name, {})
@@ -326,10 +328,14 @@ class RealServer:
         return sorted(p for p in new.iterdir() if p.is_file()) if new.is_dir() else []
 
     def spool_files(self) -> list[str]:
-        """Every file in the spool, as paths relative to it (``local/C.<id>``...)."""
+        """Every file in the spool, as paths relative to it (``local/C.<id>``...),
+        but spent files kept for reuse (``spent/``, mailsvc.spool.recycle)."""
         if not self.spool_dir.exists():
             return []
-        return sorted(str(p.relative_to(self.spool_dir)) for p in self.spool_dir.rglob("*") if p.is_file())
+        root = self.spool_dir
+        return sorted(
+            str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.relative_to(root).parts[0] != "spent"
+        )
 
     def wait_for(self, predicate: Callable[[], object], timeout: float = 10.0, message: str = "condition"):
         """Poll ``predicate`` until true (at most ``timeout`` s); the log goes in the failure."""

@@ -28,8 +28,12 @@ class Router:
 
     @classmethod
     def from_config(cls, cfg) -> "Router":
-        """The router ``cfg`` describes: each ``[[uucp.site]]`` domain to its site's hop."""
-        return cls({domain: site.hop for site in cfg.uucp_sites for domain in site.domains})
+        """The router ``cfg`` describes: each ``[[uucp.site]]`` domain to its
+        site's hop (``uucp.<name>``), each ``[[hold.site]]`` domain to its
+        site's (``hold.<name>``: kept until the site calls in)."""
+        hops = {domain: site.hop for site in cfg.uucp_sites for domain in site.domains}
+        hops.update({domain: site.hop for site in getattr(cfg, "hold_sites", ()) for domain in site.domains})
+        return cls(hops)
 
     def hop_for(self, recipient: Recipient) -> str:
         """The spool hop of ``recipient``."""

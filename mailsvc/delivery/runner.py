@@ -9,7 +9,7 @@ keeps the message until every recipient is delivered or has failed for good.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -46,6 +46,13 @@ class QueueRunner:
 
     A delivery in flight covers the agent's work and the spool update after
     it; the same ``(hop, id)`` is never in flight twice.
+
+    ``on_demand_hops`` are hops whose mail waits until asked for: mail held
+    for a site that calls in (TURN, ATRN, ETRN). The runner never tries it
+    on its own (not on arrival, recovery, scan or retry); only ``flush``
+    does, when the site asks. A scan still hands the agent a message older
+    than the schedule's ``give_up_after``, so that held mail expires (and is
+    bounced) like any other.
     """
 
     def __init__(
@@ -60,6 +67,7 @@ class QueueRunner:
         run_blocking: Callable | None = None,
         reporter: Callable | None = None,
         delay_warning_after: float = 0,
+        on_demand_hops: Iterable[str] = (),
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency!r}")
@@ -78,6 +86,8 @@ class QueueRunner:
         # Seconds after arrival when a still-pending recipient's sender is
         # warned once (rfc3464 Action: delayed); 0 = never.
         self._delay_warning_after = delay_warning_after
+        self._on_demand = frozenset(on_demand_hops)
+        self._idle_watchers: list[tuple[set, defer.Deferred]] = []  # see ``idle``
         self._running = False
         self._inflight: set[tuple[str, str]] = set()
         self._waiting: OrderedDict[tuple[str, str], QueuedMessage] = OrderedDict()
@@ -126,7 +136,10 @@ class QueueRunner:
             if call.active():
                 call.cancel()
         self._timers.clear()
-        self._waiting.clear()
+        waiting, self._waiting = list(self._waiting), OrderedDict()
+        for key in waiting:
+            if key not in self._inflight:
+                self._settle_watchers(key)
         if not self._inflight:
             return defer.succeed(None)
         d = defer.Deferred()
@@ -135,10 +148,12 @@ class QueueRunner:
 
     def submit(self, message: QueuedMessage) -> None:
         """Try ``message`` now (the receiver calls this right after commit)."""
-        if self._running:
+        if self._running and message.hop not in self._on_demand:
             self._enqueue(message)
 
-    def flush(self, predicate: Callable[[QueuedMessage], bool] | None = None) -> defer.Deferred:
+    def flush(
+        self, predicate: Callable[[QueuedMessage], bool] | None = None, keys: set | None = None
+    ) -> defer.Deferred:
         """Try now every queued message with a pending recipient for which
         ``predicate(message)`` is true (every one when ``None``), whatever
         its next attempt time: ``mailsvc queue flush`` (as ETRN asks a
@@ -146,7 +161,8 @@ class QueueRunner:
 
         Reads the spool (held messages are not in it). Fires with the
         number of messages now being tried (those already in flight or in
-        line count too).
+        line count too); their ``(hop, id)`` keys are added to ``keys`` when
+        given, for ``idle``.
         """
         if not self._running:
             return defer.succeed(0)
@@ -163,10 +179,16 @@ class QueueRunner:
                 if predicate is not None and not predicate(message):
                     continue
                 if key in self._inflight or key in self._waiting:
-                    count += 1  # already being tried
+                    pass  # already being tried: counts too
                 elif key not in changed and self._running:  # else: tried while we read, our copy is stale
-                    self._enqueue(message)  # may even be delivered before this returns
-                    count += 1
+                    if keys is not None:
+                        keys.add(key)  # before _enqueue, which may deliver it at once
+                    self._enqueue(message)
+                else:
+                    continue
+                if keys is not None:
+                    keys.add(key)
+                count += 1
             return count
 
         def done(result):
@@ -174,6 +196,26 @@ class QueueRunner:
             return result
 
         return d.addCallback(read).addBoth(done)
+
+    def idle(self, keys: Iterable[tuple[str, str]]) -> defer.Deferred:
+        """A Deferred firing (with ``None``) once none of ``keys`` (``(hop,
+        id)`` pairs, e.g. those a ``flush`` counted) is in line or in flight:
+        every delivery asked for is done and its result saved."""
+        left = {key for key in keys if key in self._inflight or key in self._waiting}
+        if not left:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._idle_watchers.append((left, d))
+        return d
+
+    def _settle_watchers(self, key) -> None:
+        if key in self._waiting:
+            return
+        for left, d in list(self._idle_watchers):
+            left.discard(key)
+            if not left:
+                self._idle_watchers.remove((left, d))
+                d.callback(None)
 
     def suspend(self, hop: str, id: str) -> None:
         """Stop trying ``(hop, id)`` until ``resume``: drop its timer and its
@@ -184,7 +226,8 @@ class QueueRunner:
         key = (hop, id)
         self._suspended.add(key)
         self._cancel_timer(key)
-        self._waiting.pop(key, None)
+        if self._waiting.pop(key, None) is not None and key not in self._inflight:
+            self._settle_watchers(key)
 
     def resume(self, hop: str, id: str) -> None:
         """Undo ``suspend``: the next scan finds the message if it is queued and due."""
@@ -200,6 +243,8 @@ class QueueRunner:
         if not pending:
             self._finish_done(message)
             return
+        if message.hop in self._on_demand:
+            return  # waits for its site to ask (flush); expiry is the scan's
         due = min(r.next_attempt for r in pending)
         delay = due - self._clock.seconds()
         if delay <= 0:
@@ -236,6 +281,7 @@ class QueueRunner:
 
     def _released(self, _, key) -> None:
         self._inflight.discard(key)
+        self._settle_watchers(key)
         if self._scanning:
             self._changed_during_scan.add(key)
         for changed in self._flush_watchers:
@@ -265,6 +311,12 @@ class QueueRunner:
                 if key in self._changed_during_scan:
                     continue
                 pending = _pending(message)
+                if message.hop in self._on_demand:
+                    # Held mail is tried only when asked for, or once too old:
+                    # the agent defers it and the schedule gives up (a bounce).
+                    if pending and message.envelope.received_at + self._schedule.give_up_after <= now:
+                        self._enqueue(message)
+                    continue
                 if pending and min(r.next_attempt for r in pending) <= now:
                     self._enqueue(message)
 

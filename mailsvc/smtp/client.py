@@ -3,7 +3,8 @@
 The twin of ``mailsvc.smtp.server``, shaped like h11: ``receive_data(bytes)``
 takes what the server sent, ``next_event()`` hands out what it meant
 (``mailsvc.smtp.client_events``), the caller's calls (``send_message``,
-``send_data``, ``end_data``, ``start_tls``, ``quit``) queue commands, and
+``send_data``, ``end_data``, ``start_tls``, ``auth_plain``, ``turn``,
+``atrn``, ``quit``) queue commands, and
 ``data_to_send()`` gives the bytes to write. No I/O, no Twisted, no clock:
 timeouts are the caller's, ``timeout_phase`` says which one applies.
 
@@ -19,6 +20,7 @@ any point (rfc5321 3.8).
 
 from __future__ import annotations
 
+import base64
 import collections
 import enum
 from dataclasses import dataclass
@@ -69,6 +71,9 @@ class State(enum.Enum):
     DATA = "data"  # 354 came: send_data() / end_data()
     DATA_END = "data-end"  # end of data sent; the final reply is due
     QUIT = "quit"  # QUIT sent
+    AUTH = "auth"  # AUTH sent; 235 or a refusal is due
+    TURN = "turn"  # TURN or ATRN sent
+    TURNED = "turned"  # 250 to TURN/ATRN: roles reversed, the machine is done
     REFUSED = "refused"  # greeting or HELO refused: only quit()
     CLOSED = "closed"
 
@@ -87,6 +92,8 @@ class _Tag(enum.Enum):
     DOT = "dot"  # the lone "." after 354 with no recipient (rfc2920 3.1)
     END = "end"  # end of data
     QUIT = "QUIT"
+    AUTH = "AUTH"
+    TURN = "TURN"  # TURN or ATRN
 
 
 # rfc5321 4.5.3.2: which timeout applies while each reply is due. Commands
@@ -97,6 +104,9 @@ _PHASES = {
     _Tag.DATA: "data-init",
     _Tag.DOT: "data-end",
     _Tag.END: "data-end",
+    # rfc2645 5.2.1: the ATRN timeout "MUST be at least 10 minutes" (the
+    # provider reads its queue first): the 10-minute phase.
+    _Tag.TURN: "data-end",
 }
 
 
@@ -153,7 +163,7 @@ class ClientConnection:
         while True:
             if self._events:
                 return self._events.popleft()
-            if self.state in (State.CLOSED, State.TLS_HANDSHAKE):
+            if self.state in (State.CLOSED, State.TLS_HANDSHAKE, State.TURNED):
                 return None
             reply = self._parser.next_reply()
             if reply is None:
@@ -167,6 +177,12 @@ class ClientConnection:
     def closed(self) -> bool:
         """True once the session is over: write what is left, then disconnect."""
         return self.state is State.CLOSED
+
+    @property
+    def trailing_data(self) -> bytes:
+        """Once ``Turned``: what the peer sent after the 250, not read here;
+        feed it to the server role that takes the connection over."""
+        return self._parser.discard() if self.state is State.TURNED else b""
 
     @property
     def max_size(self) -> int:
@@ -240,6 +256,36 @@ class ClientConnection:
         self.extensions, self.extended = {}, False
         self._needs_reset = False
         self._send_hello(_Tag.EHLO)
+
+    def auth_plain(self, authcid: str, password: str, authzid: str = "") -> None:
+        """AUTH PLAIN with an initial response (rfc4954 4, rfc4616 2);
+        ``AuthSucceeded`` or ``AuthFailed`` follows. The caller makes sure
+        the transport is encrypted: PLAIN carries the password."""
+        self._require(State.READY)
+        if "PLAIN" not in self.extensions.get("AUTH", "").upper().split():
+            raise RuntimeError("AUTH PLAIN is not offered here")
+        fields = [authzid, authcid, password]
+        if any("\0" in f for f in fields) or not authcid or not password:
+            raise ValueError("AUTH PLAIN needs a user and a password without NUL")
+        message = "\0".join(fields).encode("utf-8")
+        response = base64.b64encode(message).decode("ascii") or "="
+        self._send(_Tag.AUTH, f"AUTH PLAIN {response}\r\n".encode("ascii"))
+        self.state = State.AUTH
+
+    def turn(self) -> None:
+        """Send TURN (rfc821 4.1.1); ``Turned`` or ``TurnRefused`` follows."""
+        self._require(State.READY)
+        self._send(_Tag.TURN, b"TURN\r\n")
+        self.state = State.TURN
+
+    def atrn(self, domains=()) -> None:
+        """Send ATRN [domain,...] (rfc2645 5.2.1); ``Turned`` or ``TurnRefused`` follows."""
+        self._require(State.READY)
+        names = [d.strip() for d in domains]
+        if any(not d or not d.isascii() or any(c in d for c in ", \r\n") for d in names):
+            raise ValueError(f"bad ATRN domain list: {domains!r}")
+        self._send(_Tag.TURN, ("ATRN " + ",".join(names) if names else "ATRN").encode("ascii") + b"\r\n")
+        self.state = State.TURN
 
     def quit(self) -> None:
         """Send QUIT (rfc5321 4.1.1.10); ``Closed`` follows."""
@@ -396,6 +442,34 @@ class ClientConnection:
         else:
             self._unexpected(reply)
 
+    def _on_auth(self, reply: Reply) -> None:
+        digit = reply.code // 100
+        if reply.code == 235:
+            self.state = State.READY
+            self._events.append(ev.AuthSucceeded(reply))
+        elif reply.code == 334:
+            # PLAIN went with an initial response: a challenge means the
+            # server wants something else; cancel (rfc4954 4: "*" gets 501).
+            self._send(_Tag.AUTH, b"*\r\n")
+        elif digit in (4, 5):
+            self.state = State.READY
+            self._events.append(ev.AuthFailed(reply))
+        else:
+            self._unexpected(reply)
+
+    def _on_turn(self, reply: Reply) -> None:
+        digit = reply.code // 100
+        if digit == 2:
+            # rfc821 4.1.1: "program-A becomes the receiver-SMTP"; it sends 220 next.
+            self.state = State.TURNED
+            self._due.clear()
+            self._events.append(ev.Turned(reply))
+        elif digit in (4, 5):
+            self.state = State.READY
+            self._events.append(ev.TurnRefused(reply))
+        else:
+            self._unexpected(reply)
+
     def _on_rset(self, reply: Reply) -> None:
         if reply.code // 100 == 2:
             self._needs_reset = False
@@ -475,6 +549,8 @@ _REPLY_HANDLERS = {
     _Tag.EHLO: ClientConnection._on_ehlo,
     _Tag.HELO: ClientConnection._on_helo,
     _Tag.STARTTLS: ClientConnection._on_starttls,
+    _Tag.AUTH: ClientConnection._on_auth,
+    _Tag.TURN: ClientConnection._on_turn,
     _Tag.RSET: ClientConnection._on_rset,
     _Tag.MAIL: ClientConnection._on_mail,
     _Tag.RCPT: ClientConnection._on_rcpt,

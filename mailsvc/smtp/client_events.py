@@ -142,6 +142,38 @@ class TLSRefused(ClientEvent):
 
 
 @dataclass(frozen=True)
+class AuthSucceeded(ClientEvent):
+    """AUTH got 235 (rfc4954 4): the session is authenticated."""
+
+    reply: Reply
+
+
+@dataclass(frozen=True)
+class AuthFailed(ClientEvent):
+    """AUTH was refused (535 bad credentials, 538 needs TLS, 504, 454...);
+    the session goes on unauthenticated, or the caller quits."""
+
+    reply: Reply
+
+
+@dataclass(frozen=True)
+class Turned(ClientEvent):
+    """TURN or ATRN got 250 (rfc821 4.1.1, rfc2645 5.3): the roles are
+    reversed. The machine is done; the caller becomes the server on the same
+    connection (first a 220 greeting), fed ``trailing_data`` first."""
+
+    reply: Reply
+
+
+@dataclass(frozen=True)
+class TurnRefused(ClientEvent):
+    """TURN or ATRN was refused: 502, 530 (no AUTH), 450 (not your domain),
+    451 (try later), 453 (no mail waiting, rfc2645 7). The session goes on."""
+
+    reply: Reply
+
+
+@dataclass(frozen=True)
 class TransactionFailed(ClientEvent):
     """The message went to nobody; ``reply`` applies to every recipient.
 

@@ -104,7 +104,31 @@ class Expand(Decision):
 
 @dataclass(frozen=True)
 class Turn(Decision):
-    """TURN (rfc821 4.1.1); no default answer: reply."""
+    """TURN (rfc821 4.1.1). ``accept()`` (or a 2xx ``reply``) sends 250 and
+    reverses the roles: the machine enters ``TURNED`` and stops parsing;
+    whatever the client sent after TURN is in ``trailing_data`` for the
+    client role that takes over (rfc821 4.1.1: it then expects the 220
+    greeting). Refuse with 502 (rfc821 4.3), 530 before AUTH (rfc4954 6)."""
+
+
+@dataclass(frozen=True)
+class Atrn(Decision):
+    """ATRN [domain,...] (rfc2645 5.2.1), only after AUTH (the machine says
+    530 before). ``domains`` are lower-cased; empty means "all of mine".
+    Answered like ``Turn``: accepting reverses the roles; refusals are 450
+    (no access), 451 (cannot check now) and 453 (no mail)."""
+
+    domains: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Etrn(Decision):
+    """ETRN [option]node (rfc1985 5): ``option`` is ``""``, ``"@"`` (the node
+    and its subdomains) or ``"#"`` (a queue name); ``node`` is as sent.
+    No default answer: 250/251/252/253, or 458/459 (rfc1985 5.1)."""
+
+    node: str
+    option: str = ""
 
 
 @dataclass(frozen=True)

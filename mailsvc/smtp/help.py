@@ -28,7 +28,9 @@ _TOPICS = {
         "SAML FROM:<sender>: rfc821 3.4 'send and mail'.",
         "This server has no terminals: SAML delivers to the mailbox, as MAIL does.",
     ],
-    "TURN": ["TURN: rfc821 role reversal; needs an authenticated client (not offered yet)."],
+    "TURN": ["TURN: rfc821 role reversal, for an authenticated client whose domains' mail is held here."],
+    "ETRN": ["ETRN [@|#]node: rfc1985; start delivering the mail queued for a domain (@: and its subdomains; #: a queue)."],
+    "ATRN": ["ATRN [domain,...]: rfc2645 authenticated TURN, on the On-Demand Mail Relay port."],
 }
 
 _SUMMARY = [

@@ -8,7 +8,12 @@ The machine itself answers what needs no outside knowledge: syntax (501),
 sequence (503), unknown commands (500), limits (line length, SIZE, recipient
 count), NOOP, HELP, RSET, QUIT. It asks (a ``Decision`` event) for what needs
 policy: HELO/EHLO, MAIL, RCPT, DATA, end of data, VRFY, EXPN, TURN,
-STARTTLS and each step of AUTH.
+STARTTLS, each step of AUTH, and (when offered) ETRN and ATRN.
+
+TURN and ATRN: a positive answer sends 250 and enters ``TURNED`` (h11's
+``SWITCHED_PROTOCOL``): nothing more is parsed, and ``trailing_data`` holds
+the unread bytes for the client role that takes the connection over
+(``mailsvc.turnaround``).
 
 Commands: rfc5321 4.1.1 (EHLO/HELO, MAIL, RCPT, DATA, RSET, VRFY, EXPN, HELP,
 NOOP, QUIT), rfc821 4.1.1 (SEND, SOML, SAML, TURN), rfc3207 (STARTTLS) and
@@ -37,6 +42,7 @@ import collections
 from mailsvc.smtp import events as ev
 from mailsvc.smtp.data import DataFault, DataReader
 from mailsvc.smtp.replies import RECIPIENT_OK, SENDER_OK, START_DATA, Reply
+from mailsvc.smtp.sasl import PLAINTEXT_MECHANISMS
 from mailsvc.smtp.server_commands import CommandParser
 from mailsvc.smtp.server_state import (  # noqa: F401 (re-exported: the machine's public names)
     AUTH_PARAMETER_ROOM,
@@ -95,7 +101,7 @@ class ServerConnection(CommandParser):
         after STARTTLS and must never be read as commands (rfc3207 4.2).
         """
         if self.state not in (State.CLOSED, State.TLS_PENDING):
-            self._in += data
+            self._in += data  # once TURNED, kept for ``trailing_data``
 
     def data_to_send(self) -> bytes:
         """The bytes to write to the client now (replies, in order).
@@ -126,7 +132,23 @@ class ServerConnection(CommandParser):
         """The SASL mechanisms AUTH takes now (rfc4954 4: plaintext ones need TLS)."""
         if self.tls or self.settings.auth_without_tls:
             return self.settings.auth_mechanisms
+        if self.settings.challenge_auth_without_tls:
+            # Challenge-response mechanisms never send the password (rfc2645 5.1.2).
+            return tuple(m for m in self.settings.auth_mechanisms if m not in PLAINTEXT_MECHANISMS)
         return ()
+
+    @property
+    def turned(self) -> bool:
+        """True after the 250 to TURN or ATRN: the roles are reversed. Write
+        ``data_to_send()`` (the 250), then hand ``trailing_data`` to the client
+        role that takes the connection over; this machine reads nothing more."""
+        return self.state is State.TURNED
+
+    @property
+    def trailing_data(self) -> bytes:
+        """Once ``turned``: the bytes received after the TURN/ATRN line, not
+        parsed (like h11's ``trailing_data`` after a protocol switch)."""
+        return self._in if self.state is State.TURNED else b""
 
     @property
     def in_data(self) -> bool:
@@ -145,7 +167,7 @@ class ServerConnection(CommandParser):
         while True:
             if self._events:
                 return self._hand_out(self._events.popleft())
-            if self._pending is not None or self.state in (State.CLOSED, State.NEW, State.TLS_PENDING):
+            if self._pending is not None or self.state in (State.CLOSED, State.NEW, State.TLS_PENDING, State.TURNED):
                 return None
             if self.state is State.DATA:
                 if not self._in:
@@ -179,6 +201,11 @@ class ServerConnection(CommandParser):
             self.state = State.TLS_PENDING
             self._in = b""
             return
+        elif isinstance(decision, (ev.Turn, ev.Atrn)):
+            # rfc821 4.1.1, rfc2645 5.3: 250, then the roles reverse.
+            self._send(Reply.of(250, "2.0.0", "OK now reversing the connection"))
+            self.state = State.TURNED
+            return
         else:
             self._pending = decision
             raise RuntimeError(f"{type(decision).__name__} needs an explicit reply()")
@@ -194,6 +221,8 @@ class ServerConnection(CommandParser):
         self._send(reply)
         if isinstance(decision, (ev.Auth, ev.AuthResponse)):
             self._after_auth_reply(reply)
+        elif isinstance(decision, (ev.Turn, ev.Atrn)) and reply.positive and self.state is not State.CLOSED:
+            self.state = State.TURNED  # rfc821 4.1.1: a 250 reverses the roles
         else:
             self._after_reply(decision, reply.positive)
 

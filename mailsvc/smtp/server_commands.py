@@ -8,12 +8,17 @@ the connection's state; it has no state of its own.
 
 from __future__ import annotations
 
+import re
+
 from mailsvc.smtp import events as ev
 from mailsvc.smtp.address import AddressError, parse_path_argument
 from mailsvc.smtp.help import help_reply
 from mailsvc.smtp.parameters import check_mail_parameters, check_rcpt_parameters
 from mailsvc.smtp.replies import BAD_SEQUENCE, OK, SYNTAX, Reply
-from mailsvc.smtp.server_state import AUTH_REQUIRED, MAIL_VERBS, NEEDS_AUTH, NOT_IMPLEMENTED, State
+from mailsvc.smtp.server_state import AUTH_REQUIRED, MAIL_VERBS, NEEDS_AUTH, NOT_IMPLEMENTED, ODMR_VERBS, State
+
+# rfc2645 5.2.1 ABNF: domain = sub-domain 1*("." sub-domain), letters, digits, hyphens.
+_ATRN_DOMAIN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+\Z")
 
 
 class CommandParser:
@@ -34,6 +39,10 @@ class CommandParser:
         if self.state is State.REFUSED and verb != "QUIT":
             self._send(Reply.of(503, BAD_SEQUENCE, "Service refused; only QUIT is allowed"))
             return None
+        if self.settings.odmr and verb not in ODMR_VERBS:
+            # rfc2645 5.4: an ODMR listener may refuse everything else with 502.
+            self._send(Reply.of(502, "5.5.1", f"{verb or 'Command'} not available on the On-Demand Mail Relay service"))
+            return None
         if verb in NEEDS_AUTH and self.settings.auth_required and not self.authenticated:
             self._send(AUTH_REQUIRED)
             return None
@@ -42,6 +51,10 @@ class CommandParser:
             return handler(self, verb, argument)
         if verb in MAIL_VERBS:
             return self._mail(verb, argument)
+        if verb == "ETRN" and self.settings.etrn:
+            return self._etrn(verb, argument)
+        if verb == "ATRN" and self.settings.odmr:
+            return self._atrn(verb, argument)
         if verb in NOT_IMPLEMENTED:
             self._send(Reply.of(502, "5.5.1", f"{verb} not implemented"))
             return None
@@ -71,6 +84,8 @@ class CommandParser:
             "ENHANCEDSTATUSCODES",  # rfc2034
             "DSN",  # rfc3461
             *self.settings.extensions,
+            *(["ETRN"] if self.settings.etrn else []),  # rfc1985 2
+            *(["ATRN"] if self.settings.odmr else []),  # rfc2645 5.1.1
             *(["STARTTLS"] if self.settings.starttls and not self.tls else []),  # rfc3207 4.2
             *([f"AUTH {' '.join(self.offered_mechanisms)}"] if self.offered_mechanisms else []),  # rfc4954 3
             "HELP",
@@ -183,7 +198,44 @@ class CommandParser:
         if argument:
             self._syntax("TURN takes no argument")
             return None
+        if self.state is State.MAIL:
+            # rfc821 4.3: 503 is TURN's error reply; no role change mid-transaction.
+            self._send(Reply.of(503, BAD_SEQUENCE, "TURN is not allowed during a mail transaction"))
+            return None
         return ev.Turn()  # rfc821 4.1.1
+
+    def _atrn(self, verb: str, argument: str) -> ev.Event | None:
+        # rfc2645 5.2.1: ATRN [SP domain *("," domain)], only once authenticated (530).
+        if not self.authenticated:
+            self._send(Reply.of(530, "5.7.0", "Authentication required: ATRN is for an authenticated customer only"))
+            return None
+        if self.state is not State.READY:
+            self._send(Reply.of(503, BAD_SEQUENCE, "Send EHLO first" if self.state is State.GREETED else "ATRN is not allowed now"))
+            return None
+        domains: list[str] = []
+        for name in (argument.split(",") if argument else []):
+            name = name.strip().lower().removesuffix(".")
+            if not _ATRN_DOMAIN.match(name) or len(name) > 253:
+                self._syntax("Syntax: ATRN [domain[,domain...]]")
+                return None
+            if name not in domains:
+                domains.append(name)
+        return ev.Atrn(tuple(domains))
+
+    def _etrn(self, verb: str, argument: str) -> ev.Event | None:
+        # rfc1985 5: ETRN [option]node, never inside a transaction.
+        if self.state is State.MAIL:
+            self._send(Reply.of(503, BAD_SEQUENCE, "ETRN is not allowed during a mail transaction"))
+            return None
+        if self.state is State.GREETED:
+            self._send(Reply.of(503, BAD_SEQUENCE, "Send HELO or EHLO first"))
+            return None
+        option, node = (argument[:1], argument[1:]) if argument[:1] in ("@", "#") else ("", argument)
+        if not node or " " in node or len(node) > 255 or not (node.isascii() and node.isprintable()):
+            # rfc1985 5.1: 500/501 for syntax; 501 5.5.4 for the parameter.
+            self._syntax("Syntax: ETRN [@|#]node")
+            return None
+        return ev.Etrn(node, option)
 
     def _starttls(self, verb: str, argument: str) -> ev.Event | None:
         if self.tls:

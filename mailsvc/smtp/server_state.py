@@ -31,6 +31,16 @@ class ServerSettings:
     auth_required: bool = False
     # 5xx replies to bad or out-of-sequence commands before 421 4.7.0 and close; 0 = no limit.
     max_errors: int = 0
+    # rfc1985: offer ETRN (an ``Etrn`` decision); off: ETRN gets 502.
+    etrn: bool = False
+    # rfc2645: an On-Demand Mail Relay listener: EHLO offers ATRN, ATRN is an
+    # ``Atrn`` decision (530 before AUTH), and every command but EHLO, HELO,
+    # AUTH, ATRN, STARTTLS, NOOP, RSET, HELP and QUIT gets 502 (rfc2645 5.4).
+    odmr: bool = False
+    # Offer the AUTH mechanisms that never send the password (CRAM-MD5,
+    # SCRAM-SHA-256) before TLS too; PLAIN and LOGIN still wait for TLS.
+    # rfc2645 5.1.2: ODMR clients (fetchmail) use CRAM-MD5 without TLS.
+    challenge_auth_without_tls: bool = False
 
 
 class State(enum.Enum):
@@ -43,6 +53,7 @@ class State(enum.Enum):
     DATA = "data"  # reading message data
     AUTH = "auth"  # inside an AUTH exchange: lines are SASL responses
     TLS_PENDING = "tls-pending"  # 220 to STARTTLS queued; waiting for tls_started()
+    TURNED = "turned"  # 250 to TURN/ATRN sent: roles reversed, nothing more is parsed (h11's SWITCHED_PROTOCOL)
     REFUSED = "refused"  # 554 greeting: only QUIT is served (rfc5321 3.1)
     CLOSED = "closed"
 
@@ -51,7 +62,10 @@ class State(enum.Enum):
 # SAML. This server has no terminals, so all four deliver to mailboxes.
 MAIL_VERBS = frozenset({"MAIL", "SEND", "SOML", "SAML"})
 # Verbs known but not offered (rfc5321 4.2.4: 502 "not implemented").
+# ETRN and ATRN are served when the settings offer them (``etrn``, ``odmr``).
 NOT_IMPLEMENTED = frozenset({"BDAT", "ETRN", "ATRN"})
+# rfc2645 5.1, 5.2, 5.4: what an ODMR listener serves; the rest gets 502.
+ODMR_VERBS = frozenset({"EHLO", "HELO", "AUTH", "ATRN", "QUIT", "STARTTLS", "NOOP", "RSET", "HELP"})
 # rfc4954 6: "530 5.7.0 Authentication required" for any command but AUTH,
 # EHLO, HELO, NOOP, RSET and QUIT (and STARTTLS and HELP, which lead to it).
 NEEDS_AUTH = frozenset({"MAIL", "SEND", "SOML", "SAML", "RCPT", "DATA", "VRFY", "EXPN", "TURN"})

@@ -22,7 +22,7 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from mailsvc.errors import PermanentDeliveryError
-from mailsvc.interfaces import IMailboxStore, IMailboxStoreFactory
+from mailsvc.interfaces import IMailboxAccess, IMailboxStore, IMailboxStoreFactory
 from mailsvc.store import (
     checkMailboxName,
     deliveryErrorFor,
@@ -32,6 +32,7 @@ from mailsvc.store import (
     storePath,
     writeAll,
 )
+from mailsvc.store.access import MaildirSession
 
 _SUBDIRS = ("tmp", "new", "cur")
 # Errors of link(2) on file systems without hard links: fall back to rename(2).
@@ -66,7 +67,7 @@ def uniqueName(hostname: str, now: float | None = None) -> str:
     return f"{seconds}.M{usec}P{os.getpid()}Q{n}.{escapeHostname(hostname)}"
 
 
-@implementer(IMailboxStore)
+@implementer(IMailboxStore, IMailboxAccess)
 class MaildirStore:
     """Maildir mailboxes under the directory ``path``, one per user.
 
@@ -76,6 +77,11 @@ class MaildirStore:
     def __init__(self, path: str, hostname: str | None = None) -> None:
         self.path = path
         self.hostname = hostname if hostname is not None else socket.gethostname()
+
+    def open(self, mailbox: str) -> MaildirSession:
+        """``IMailboxAccess``: a reading session (POP3) on ``mailbox``
+        (``mailsvc.store.access.MaildirSession``)."""
+        return MaildirSession.open(self.path, mailbox)
 
     def exists(self, mailbox: str) -> bool:
         """Whether the Maildir of ``mailbox`` has been created."""

@@ -21,7 +21,7 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from mailsvc.errors import ConfigError, PermanentDeliveryError, TemporaryDeliveryError
-from mailsvc.interfaces import IMailboxStore, IMailboxStoreFactory
+from mailsvc.interfaces import IMailboxAccess, IMailboxStore, IMailboxStoreFactory
 from mailsvc.store import (
     checkMailboxName,
     deliveryErrorFor,
@@ -30,6 +30,7 @@ from mailsvc.store import (
     storePath,
     writeAll,
 )
+from mailsvc.store.access import MboxSession
 
 #: A dot-lock older than this (seconds) was left by a crashed writer.
 STALE_LOCK_AGE = 300.0
@@ -121,7 +122,7 @@ def fromLine(headers: Sequence[str], now: float) -> bytes:
     return f"From {sender} {time.asctime(time.localtime(now))}\n".encode("utf-8")
 
 
-@implementer(IMailboxStore)
+@implementer(IMailboxStore, IMailboxAccess)
 class MboxStore:
     """mbox files under the directory ``path``: ``<path>/<mailbox>``, mode 0600.
 
@@ -138,6 +139,11 @@ class MboxStore:
         self.path = path
         self.lockTimeout = lockTimeout
         self.clock = clock
+
+    def open(self, mailbox: str) -> MboxSession:
+        """``IMailboxAccess``: a reading session (POP3) on ``mailbox``
+        (``mailsvc.store.access.MboxSession``, which takes this store's locks)."""
+        return MboxSession.open(self, mailbox)
 
     def exists(self, mailbox: str) -> bool:
         """Whether the mbox file of ``mailbox`` exists."""
