@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 
 from mailsvc.limits import ClientConnections
 from mailsvc.policy import SessionInfo
-from mailsvc.receiver import ReceiverContext, ReceivingSession
+from mailsvc.receiver import SESSION_HANDLERS, ReceiverContext, ReceivingSession
 from mailsvc.smtp import events as ev
 from mailsvc.smtp.replies import Reply
 from mailsvc.smtp.server import ServerConnection, ServerSettings
@@ -44,24 +44,12 @@ SHUTTING_DOWN = Reply.of(421, "4.3.2", "Service shutting down; try again later")
 TIMEOUT = Reply.of(421, "4.4.2", "Timeout exceeded; closing connection")
 LOCAL_ERROR = Reply.of(451, "4.3.0", "Local error in processing; try again later")
 
-# Event → (who answers it, method): the receiving session, the AUTH session, or the glue.
+# Event → (who answers it, method): the receiving session (receiver.SESSION_HANDLERS),
+# the AUTH session, or the glue.
 _AUTH_HANDLERS = {
     ev.Auth: "on_auth",
     ev.AuthResponse: "on_auth_response",
     ev.AuthCancelled: "on_auth_cancelled",
-}
-_HANDLERS = {
-    ev.Hello: "on_hello",
-    ev.MailFrom: "on_mail",
-    ev.RcptTo: "on_rcpt",
-    ev.DataCommand: "on_data_command",
-    ev.DataChunk: "on_data_chunk",
-    ev.DataEnd: "on_data_end",
-    ev.DataRefused: "on_data_refused",
-    ev.Reset: "on_reset",
-    ev.Verify: "on_verify",
-    ev.Expand: "on_expand",
-    ev.Turn: "on_turn",
 }
 # Answered by the factory's ``turnaround`` when it has one (else TURN goes to
 # the receiving session, which refuses it; the machine offers no ETRN/ATRN).
@@ -202,7 +190,7 @@ class SMTPServerProtocol(Protocol):
                 return Reply.of(454, "4.7.0", "Temporary authentication failure") if event.needs_reply else None
             handler = getattr(self.auth, _AUTH_HANDLERS[type(event)])
         else:
-            handler = getattr(self.session, _HANDLERS[type(event)])
+            handler = getattr(self.session, SESSION_HANDLERS[type(event)])
         try:
             return handler(event)
         except Exception:

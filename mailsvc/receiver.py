@@ -40,6 +40,23 @@ from mailsvc.submission import HeaderScanner, missing_headers, protocol_name
 log = Logger(namespace="mailsvc.receiver")
 
 
+# The server machine's events each ReceivingSession method answers (or is told
+# of): the wiring both the SMTP glue (mailsvc.protocol) and rsmtp use.
+SESSION_HANDLERS = {
+    ev.Hello: "on_hello",
+    ev.MailFrom: "on_mail",
+    ev.RcptTo: "on_rcpt",
+    ev.DataCommand: "on_data_command",
+    ev.DataChunk: "on_data_chunk",
+    ev.DataEnd: "on_data_end",
+    ev.DataRefused: "on_data_refused",
+    ev.Reset: "on_reset",
+    ev.Verify: "on_verify",
+    ev.Expand: "on_expand",
+    ev.Turn: "on_turn",
+}
+
+
 @dataclass(frozen=True)
 class ReceiverSettings:
     """The parts of the config the receiver acts on."""

@@ -68,7 +68,7 @@ from mailsvc.delivery.router import Router
 from mailsvc.envelope import Envelope
 from mailsvc.errors import ConfigError, SpoolError
 from mailsvc.policy import SessionInfo
-from mailsvc.receiver import ReceiverContext, ReceiverSettings, ReceivingSession
+from mailsvc.receiver import SESSION_HANDLERS, ReceiverContext, ReceiverSettings, ReceivingSession
 from mailsvc.smtp import events as ev
 from mailsvc.smtp.replies import Reply
 from mailsvc.smtp.reply_parser import ReplyParser
@@ -82,19 +82,6 @@ IMPLICIT_HELLO = b"EHLO uucp\r\n"
 MAIL_VERBS = frozenset({"MAIL", "SEND", "SOML", "SAML"})
 LOCAL_ERROR = Reply.of(451, "4.3.0", "Local error in processing")
 
-_HANDLERS = {  # the same wiring as mailsvc.protocol
-    ev.Hello: "on_hello",
-    ev.MailFrom: "on_mail",
-    ev.RcptTo: "on_rcpt",
-    ev.DataCommand: "on_data_command",
-    ev.DataChunk: "on_data_chunk",
-    ev.DataEnd: "on_data_end",
-    ev.DataRefused: "on_data_refused",
-    ev.Reset: "on_reset",
-    ev.Verify: "on_verify",
-    ev.Expand: "on_expand",
-    ev.Turn: "on_turn",
-}
 
 
 class NotSynchronous(Exception):
@@ -385,7 +372,7 @@ class BatchReader:
             event = machine.next_event()
             if event is None:
                 return
-            name = _HANDLERS.get(type(event))
+            name = SESSION_HANDLERS.get(type(event))
             if name is None:
                 if event.needs_reply:  # STARTTLS, AUTH...: nothing a batch can use
                     machine.reply(Reply.of(502, "5.5.1", "Not available in a batch"))
