@@ -32,7 +32,7 @@ from mailsvc.store import (
     storePath,
     writeAll,
 )
-from mailsvc.store.access import MaildirSession
+from mailsvc.store.maildir_access import MaildirSession
 
 _SUBDIRS = ("tmp", "new", "cur")
 # Errors of link(2) on file systems without hard links: fall back to rename(2).

@@ -30,7 +30,7 @@ from mailsvc.store import (
     storePath,
     writeAll,
 )
-from mailsvc.store.access import MboxSession
+from mailsvc.store.mbox_access import MboxSession
 
 #: A dot-lock older than this (seconds) was left by a crashed writer.
 STALE_LOCK_AGE = 300.0
