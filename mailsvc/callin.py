@@ -6,10 +6,11 @@ The customer's half of TURN (rfc821 4.1.1) and ATRN (rfc2645)::
                  [--domains d1,d2] [--cafile FILE [--tls-name NAME] | --insecure | --no-tls]
 
 ``CallInProtocol`` drives the client machine (``mailsvc.smtp.client``):
-greeting, EHLO, STARTTLS when offered (then EHLO again), AUTH PLAIN, then
-ATRN (default, port 366) or TURN (port 25). On 250 the roles reverse on the
-same connection and the same TLS session: ``switch_protocol`` puts our
-SMTP server glue (``mailsvc.protocol``) in its place, which greets the
+greeting, EHLO, STARTTLS (then EHLO again) and AUTH PLAIN (LOGIN when only
+that is offered) through ``mailsvc.clientprotocol.SessionOpener``, as the
+relay client does, then ATRN (default, port 366) or TURN (port 25). On 250
+the roles reverse on the same connection and the same TLS session:
+``switch_protocol`` puts our SMTP server glue (``mailsvc.protocol``) in its place, which greets the
 provider with 220 and takes the mail through the normal receiving path of
 our config (same policies, recipient directory, router and spool; 250 only
 once a message is on disk), as ``mailsvc rsmtp`` does. When the provider has
@@ -37,16 +38,18 @@ import dataclasses
 import os
 import sys
 
-from twisted.internet import defer, endpoints, ssl
+from twisted.internet import defer, endpoints
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
 from mailsvc import config as configuration
+from mailsvc.clientprotocol import OPEN, OpeningFailed, SessionOpener, SessionSecurity
 from mailsvc.errors import ConfigError, SpoolError
 from mailsvc.protocol import SMTPServerFactory, SMTPServerProtocol
 from mailsvc.smtp import client_events as ev
 from mailsvc.smtp.client import ClientConnection, ClientSettings, State
 from mailsvc.smtp.server import ServerSettings
+from mailsvc.tls import CertificateRejected, ClientTLSContext, TLSError
 from mailsvc.turnaround import switch_protocol
 
 DEFAULT_CONFIG = "etc/mailsvc.toml"
@@ -107,6 +110,15 @@ class CallInProtocol(Protocol):
         self.server_factory = server_factory
         self.clock = clock
         self.machine = ClientConnection(ClientSettings(options.helo_name))
+        # The password goes only over TLS, unless --no-tls (then no STARTTLS at all).
+        security = SessionSecurity(
+            tls="required" if options.starttls else "none",
+            tls_options=options.tls_options,
+            username=options.user,
+            password=options.password,
+            auth_without_tls=not options.starttls,
+        )
+        self.opener = SessionOpener(self.machine, security, lambda tls: self.transport.startTLS(tls))
         self.result = CallInResult()
         self.done: defer.Deferred = defer.Deferred()  # fires with result, or fails with CallInFailed
         self.server: SMTPServerProtocol | None = None
@@ -129,6 +141,9 @@ class CallInProtocol(Protocol):
         if self._error is None and self.result.no_mail:
             self.done.callback(self.result)
             return
+        if self._error is None and reason is not None and reason.check(CertificateRejected):
+            # Not trusted (mailsvc.tls.ClientTLSContext): refused, not "try again".
+            self._error = CallInFailed(f"TLS with the provider failed: {reason.getErrorMessage()}", EX_REFUSED)
         why = reason.getErrorMessage() if reason is not None else "closed"
         self.done.errback(self._error or CallInFailed(f"connection lost before the roles reversed: {why}", EX_TEMPFAIL))
 
@@ -165,31 +180,17 @@ class CallInProtocol(Protocol):
 
     def _on_event(self, event) -> None:
         o = self.options
-        if isinstance(event, ev.Ready):
-            if not self.machine.tls_active and o.starttls:
-                if "STARTTLS" not in event.extensions:
-                    self._fail("the provider offers no STARTTLS: not sending the password in clear (--no-tls allows it)")
-                    return
-                self.machine.start_tls()
+        if isinstance(event, SessionOpener.OPENING_EVENTS):
+            try:
+                step = self.opener.handle(event)
+            except OpeningFailed as e:
+                self._fail(_opening_text(e))
                 return
-            mechanisms = event.extensions.get("AUTH", "").upper().split()
-            if "PLAIN" not in mechanisms:
-                offered = " ".join(mechanisms) or "none"
-                self._fail(f"the provider offers no AUTH PLAIN here (AUTH: {offered})")
-                return
-            self.machine.auth_plain(o.user, o.password)
-        elif isinstance(event, ev.TLSReady):
-            self.transport.startTLS(o.tls_options)
-            self.machine.tls_started()  # rfc3207 4.2: forget what came before; EHLO again
-        elif isinstance(event, ev.TLSRefused):
-            self._fail(f"STARTTLS refused: {event.reply}")
-        elif isinstance(event, ev.AuthSucceeded):
-            if o.command == "TURN":
-                self.machine.turn()
-            else:
-                self.machine.atrn(o.domains)
-        elif isinstance(event, ev.AuthFailed):
-            self._fail(f"AUTH refused: {event.reply}")
+            if step == OPEN:  # TLS and AUTH done
+                if o.command == "TURN":
+                    self.machine.turn()
+                else:
+                    self.machine.atrn(o.domains)
         elif isinstance(event, ev.TurnRefused):
             if event.reply.code == 453:  # rfc2645 7: "You have no mail"
                 self.result.no_mail = str(event.reply)
@@ -238,6 +239,15 @@ class CallInProtocol(Protocol):
         self.transport.abortConnection()
 
 
+def _opening_text(failure: OpeningFailed) -> str:
+    """What went wrong before ATRN/TURN, in the words of this command."""
+    if failure.kind == "no-starttls":
+        return "the provider offers no STARTTLS: not sending the password in clear (--no-tls allows it)"
+    if failure.kind == "auth-refused":
+        return f"AUTH refused: {failure.reply}"
+    return f"the provider: {failure.reason}"
+
+
 class CalledInServerFactory(SMTPServerFactory):
     """The receiving factory of a call-in: ``CalledInServer`` protocols."""
 
@@ -267,15 +277,18 @@ def receiving_factory(cfg: configuration.Config, clock, submit):
     )
 
 
-def tls_options(host: str, *, cafile: str | None, insecure: bool, tls_name: str | None):
-    """The client TLS settings for STARTTLS: TLS 1.2 or newer; the
-    certificate checked for ``tls_name`` (default ``host``) against
-    ``cafile`` or the system's CAs, or not at all with ``insecure``."""
-    minimum = ssl.TLSVersion.TLSv1_2
+def tls_options(host: str, *, cafile: str | None, insecure: bool, tls_name: str | None) -> ClientTLSContext:
+    """The client TLS settings for STARTTLS (``mailsvc.tls.ClientTLSContext``,
+    as the relay client uses): TLS 1.2 or newer; the certificate checked for
+    ``tls_name`` (default ``host``) against ``cafile`` or the system's CAs,
+    or not at all with ``insecure``.
+
+    :raise TLSError: ``cafile`` holds no usable certificate.
+    """
+    name = tls_name or host
     if insecure:
-        return ssl.CertificateOptions(verify=False, raiseMinimumTo=minimum)
-    trust = ssl.Certificate.loadPEM(open(cafile, "rb").read()) if cafile else ssl.platformTrust()
-    return ssl.optionsForClientTLS(tls_name or host, trustRoot=trust, extraCertificateOptions={"raiseMinimumTo": minimum})
+        return ClientTLSContext((name,), verify=False)
+    return ClientTLSContext((name,), verify=True, ca_file=cafile)
 
 
 async def call_in(reactor, host: str, port: int, options: CallInOptions, server_factory) -> CallInResult:
@@ -356,13 +369,16 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         _say(f"cannot read the password file: {e}")
         return EX_USAGE
+    if not password:
+        _say(f"the password file is empty: {args.password_file}")
+        return EX_USAGE
     domains = tuple(d.strip().lower() for d in args.domains.split(",") if d.strip())
     if domains and args.command == "TURN":
         _say("--domains is for ATRN only (TURN takes no argument)")
         return EX_USAGE
     try:
         tls = None if args.no_tls else tls_options(host, cafile=args.cafile, insecure=args.insecure, tls_name=args.tls_name)
-    except (OSError, ssl.SSL.Error) as e:
+    except (OSError, TLSError) as e:
         _say(f"cannot use the CA file: {e}")
         return EX_USAGE
     options = CallInOptions(

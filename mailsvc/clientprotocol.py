@@ -5,7 +5,8 @@ Thin by design, the twin of ``mailsvc.protocol``: bytes from the peer go to
 and its events fire the Deferreds of a small API for the relay agent:
 
 - ``ready`` fires with the protocol once the greeting and EHLO (or HELO) are
-  done, or errbacks with ``SMTPSessionError``;
+  done, and STARTTLS and AUTH as its ``SessionSecurity`` asks, or errbacks
+  with ``SMTPSessionError``;
 - ``send(transaction, body)`` runs one transaction and fires with a
   ``SendResult`` (per-recipient replies and the message reply), or errbacks
   with ``SMTPSessionError`` when the session broke;
@@ -15,12 +16,24 @@ The rfc5321 4.5.3.2 timeouts run on the clock given, one per
 ``ClientConnection.timeout_phase``. The body is read from a binary file in
 chunks of ``CHUNK_SIZE`` and written as a pull producer: the next chunk is
 read only when the transport asks for it, so memory does not grow with the
-message and a slow peer slows the reading down.
+message and a slow peer slows the reading down. With BDAT (rfc3030) to a
+peer without PIPELINING, the producer stops while a chunk's reply is due
+and starts again when it comes.
+
+Between EHLO and the first message, ``SessionOpener`` takes the session
+through STARTTLS (rfc3207; the handshake with ``tls_options``, then EHLO
+again, everything said before forgotten, rfc3207 4.2) and AUTH PLAIN or
+LOGIN (rfc4954, rfc4616), as a ``SessionSecurity`` says. The relay agent
+and ``mailsvc turn`` (``mailsvc.callin``) both open their sessions with it.
+A session that breaks between the STARTTLS handshake and the EHLO reply
+over TLS fails with ``tls_failed`` set: the handshake (or the certificate
+check, ``mailsvc.tls.ClientTLSContext``) failed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from twisted.internet import defer
@@ -34,6 +47,7 @@ from mailsvc.smtp import client_events as ev
 from mailsvc.smtp.client import ClientConnection, ClientSettings, State
 from mailsvc.smtp.client_events import Transaction
 from mailsvc.smtp.replies import Reply
+from mailsvc.tls import describe_tls_failure
 
 log = Logger(namespace="mailsvc.clientprotocol")
 
@@ -70,13 +84,26 @@ class SMTPSessionError(Exception):
     ``reason`` says what happened in words. ``data_sent`` is true when the
     end of data had been sent: the peer may have taken the message.
     ``partial`` holds the replies to the transaction in progress so far.
+    ``opening`` is the ``OpeningFailed`` when STARTTLS or AUTH did not go
+    as the ``SessionSecurity`` demands; ``tls_failed`` is true when the
+    TLS handshake (or the certificate check) failed.
     """
 
-    def __init__(self, reason: str, reply: Reply | None = None, data_sent: bool = False) -> None:
+    def __init__(
+        self,
+        reason: str,
+        reply: Reply | None = None,
+        data_sent: bool = False,
+        *,
+        opening: OpeningFailed | None = None,
+        tls_failed: bool = False,
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.reply = reply
         self.data_sent = data_sent
+        self.opening = opening
+        self.tls_failed = tls_failed
         # What the peer had said to the transaction in progress, if any.
         self.partial: SendResult | None = None
 
@@ -105,30 +132,184 @@ class SendResult:
     accepted: tuple[str, ...] = ()
 
 
+# ---------------------------------------------------------------- opening: STARTTLS and AUTH
+
+TLS_POLICIES = ("none", "opportunistic", "required")
+
+
+@dataclass(frozen=True)
+class SessionSecurity:
+    """What a session does between EHLO and its first message.
+
+    ``tls``: ``"none"`` (never STARTTLS), ``"opportunistic"`` (STARTTLS when
+    offered; not offered or refused, the session goes on in clear) or
+    ``"required"`` (it must be offered and succeed). ``tls_options``: the
+    ``IOpenSSLClientConnectionCreator`` for the handshake
+    (``mailsvc.tls.ClientTLSContext``: whether and how the certificate is
+    checked is its business). ``username`` and ``password``: AUTH PLAIN, or
+    LOGIN when only that is offered (rfc4954), after TLS; never in clear
+    text unless ``auth_without_tls``.
+    """
+
+    tls: str = "none"
+    tls_options: object = None
+    username: str = ""
+    password: str = field(default="", repr=False)
+    auth_without_tls: bool = False
+
+    def __post_init__(self) -> None:
+        if self.tls not in TLS_POLICIES:
+            raise ValueError(f"tls must be one of {', '.join(TLS_POLICIES)}, not {self.tls!r}")
+        if self.tls != "none" and self.tls_options is None:
+            raise ValueError("STARTTLS needs tls_options")
+        if self.username and not self.password:
+            raise ValueError("AUTH needs a password")
+
+    def without_tls(self) -> SessionSecurity:
+        """The same without STARTTLS (after a failed opportunistic handshake)."""
+        return dataclasses.replace(self, tls="none", tls_options=None)
+
+
+class OpeningFailed(Exception):
+    """STARTTLS or AUTH did not go as the ``SessionSecurity`` demands.
+
+    ``kind``: ``"no-starttls"`` (required, not offered), ``"starttls-refused"``
+    (required, refused), ``"auth-needs-tls"`` (no TLS, and the password is
+    not sent in clear), ``"no-auth"`` (neither PLAIN nor LOGIN offered),
+    ``"auth-refused"``. ``reply`` is the peer's reply that caused it, if any.
+    """
+
+    TLS_KINDS = frozenset({"no-starttls", "starttls-refused", "auth-needs-tls"})
+
+    def __init__(self, kind: str, reason: str, reply: Reply | None = None) -> None:
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+        self.reply = reply
+
+    @property
+    def tls(self) -> bool:
+        """True when it is for want of TLS."""
+        return self.kind in self.TLS_KINDS
+
+
+OPEN = "open"  # SessionOpener: the session may carry mail now
+WAIT = "wait"  # SessionOpener: a step is under way; more events to come
+
+
+class SessionOpener:
+    """Takes a client machine from its first ``Ready`` to a session ready
+    for mail: STARTTLS, then AUTH, as ``security`` says.
+
+    Pure logic over the machine: ``start_tls(options)`` is the caller's
+    (it switches its transport: ``ITLSTransport.startTLS``). Feed it every
+    event of ``OPENING_EVENTS``; ``handle`` says ``OPEN`` or ``WAIT``, or
+    raises ``OpeningFailed``.
+
+    - rfc3207 4: STARTTLS when offered and ``tls`` is not ``"none"``; after
+      the 220 the transport switches and the machine forgets everything it
+      knew and says EHLO again (4.2), whose ``Ready`` comes back here.
+    - rfc4954 4: AUTH PLAIN with an initial response (rfc4616), else LOGIN;
+      only over TLS unless ``auth_without_tls`` (PLAIN and LOGIN send the
+      password itself).
+    """
+
+    OPENING_EVENTS = (ev.Ready, ev.TLSReady, ev.TLSRefused, ev.AuthSucceeded, ev.AuthFailed)
+
+    def __init__(self, machine: ClientConnection, security: SessionSecurity, start_tls: Callable[[object], None]) -> None:
+        self.machine = machine
+        self.security = security
+        self._start_tls = start_tls
+        self.authenticated = False
+        self.mechanism = ""  # the AUTH mechanism used
+        self._tls_refused = False
+
+    def handle(self, event: ev.ClientEvent) -> str:
+        """Take one of ``OPENING_EVENTS``: ``WAIT`` or ``OPEN``.
+
+        :raise OpeningFailed: the session cannot be opened as asked.
+        """
+        security = self.security
+        if isinstance(event, ev.TLSReady):
+            self._start_tls(security.tls_options)
+            self.machine.tls_started()  # rfc3207 4.2: forget what came before; EHLO again
+            return WAIT
+        if isinstance(event, ev.TLSRefused):
+            if security.tls == "required":
+                raise OpeningFailed("starttls-refused", f"STARTTLS refused: {event.reply}", event.reply)
+            self._tls_refused = True  # opportunistic: go on in clear
+            return self._next()
+        if isinstance(event, ev.AuthSucceeded):
+            self.authenticated = True
+            return OPEN
+        if isinstance(event, ev.AuthFailed):
+            raise OpeningFailed(
+                "auth-refused", f"AUTH {self.mechanism} as {security.username} refused: {event.reply}", event.reply
+            )
+        return self._next()
+
+    def _next(self) -> str:
+        machine, security = self.machine, self.security
+        offered = machine.extensions
+        if security.tls != "none" and not machine.tls_active and not self._tls_refused and "STARTTLS" in offered:
+            machine.start_tls()
+            return WAIT
+        if security.tls == "required" and not machine.tls_active:
+            raise OpeningFailed("no-starttls", "STARTTLS not offered")
+        if security.username and not self.authenticated:
+            if not machine.tls_active and not security.auth_without_tls:
+                raise OpeningFailed("auth-needs-tls", "no TLS, and the AUTH password is not sent in clear text")
+            mechanisms = offered.get("AUTH", "").upper().split()
+            if "PLAIN" in mechanisms:
+                self.mechanism = "PLAIN"
+                machine.auth_plain(security.username, security.password)
+            elif "LOGIN" in mechanisms:
+                self.mechanism = "LOGIN"
+                machine.auth_login(security.username, security.password)
+            else:
+                raise OpeningFailed("no-auth", f"AUTH PLAIN or LOGIN not offered (AUTH: {' '.join(mechanisms) or 'none'})")
+            return WAIT
+        return OPEN
+
+
+# ---------------------------------------------------------------- the body
+
+
 @implementer(IPullProducer)
 class _BodySender:
     """Feeds a message body to the protocol, one chunk each time the
-    transport asks for more (a pull producer, like ``FileSender``)."""
+    transport asks for more (a pull producer, like ``FileSender``).
+
+    When the machine takes no data now (BDAT without PIPELINING: a chunk's
+    reply is due) it stops (``stalled``), unregistered; the protocol
+    registers it again once the reply is in."""
 
     def __init__(self, protocol: SMTPClientProtocol, body) -> None:
         self.protocol = protocol
         self.body = body
         self.stopped = False
+        self.stalled = False
 
     def resumeProducing(self) -> None:
-        if self.stopped:
-            return
-        try:
-            chunk = self.body.read(CHUNK_SIZE)
-        except Exception:
-            self.stopped = True
-            self.protocol._body_failed(Failure())
-            return
-        if chunk:
-            self.protocol._body_chunk(chunk)
-        else:
-            self.stopped = True
-            self.protocol._body_done()
+        # The first BDAT chunk is held back by the machine (for LAST): read
+        # on until something is written, or a pull transport waits forever.
+        while not self.stopped:
+            if not self.protocol.machine.data_wanted:
+                self.stalled = True
+                self.protocol._body_stalled()
+                return
+            try:
+                chunk = self.body.read(CHUNK_SIZE)
+            except Exception:
+                self.stopped = True
+                self.protocol._body_failed(Failure())
+                return
+            if not chunk:
+                self.stopped = True
+                self.protocol._body_done()
+                return
+            if self.protocol._body_chunk(chunk):
+                return
 
     def stopProducing(self) -> None:
         self.stopped = True
@@ -140,12 +321,22 @@ class SMTPClientProtocol(Protocol):
     :param settings: the machine's ``ClientSettings`` (our HELO name).
     :param clock: an ``IReactorTime`` for the timeouts.
     :param timeouts: seconds per ``timeout_phase`` (missing ones: rfc5321's).
+    :param security: STARTTLS and AUTH before mail (default: neither).
     """
 
-    def __init__(self, settings: ClientSettings, clock, timeouts: Mapping[str, float] | None = None) -> None:
+    def __init__(
+        self,
+        settings: ClientSettings,
+        clock,
+        timeouts: Mapping[str, float] | None = None,
+        security: SessionSecurity | None = None,
+    ) -> None:
         self.machine = ClientConnection(settings)
         self.clock = clock
         self.timeouts = {**DEFAULT_TIMEOUTS, **(timeouts or {})}
+        self.security = security or SessionSecurity()
+        self.opener = SessionOpener(self.machine, self.security, self._start_tls)
+        self._tls_handshake = False  # startTLS called; EHLO over TLS not answered yet
         self.ready: defer.Deferred = defer.Deferred()
         self._close_waiters: list[defer.Deferred] = []
         self._later: list = []  # Deferreds to fire once the pump has written
@@ -165,6 +356,16 @@ class SMTPClientProtocol(Protocol):
     def extensions(self) -> dict[str, str]:
         """The EHLO keywords the peer offered (upper case; empty after HELO)."""
         return self.machine.extensions
+
+    @property
+    def tls_active(self) -> bool:
+        """True when the session runs over TLS."""
+        return self.machine.tls_active
+
+    @property
+    def authenticated(self) -> bool:
+        """True once AUTH succeeded."""
+        return self.opener.authenticated
 
     def send(self, transaction: Transaction, body) -> defer.Deferred:
         """Send one message: ``transaction`` (its envelope) and ``body``, a
@@ -229,8 +430,14 @@ class SMTPClientProtocol(Protocol):
         if self._sender is not None:
             self._sender.stopProducing()
             self._sender = None
-        why = reason.getErrorMessage() if reason is not None else "closed"
-        self._fail(SMTPSessionError(f"connection lost: {why}", data_sent=self._data_sent), now=True)
+        if self._tls_handshake:
+            # Lost between the STARTTLS handshake and the EHLO reply over
+            # TLS: the handshake or the certificate check failed.
+            error = SMTPSessionError(f"TLS handshake failed: {describe_tls_failure(reason)}", tls_failed=True)
+        else:
+            why = reason.getErrorMessage() if reason is not None else "closed"
+            error = SMTPSessionError(f"connection lost: {why}", data_sent=self._data_sent)
+        self._fail(error, now=True)
         waiters, self._close_waiters = self._close_waiters, []
         for d in waiters:
             d.callback(None)
@@ -248,6 +455,11 @@ class SMTPClientProtocol(Protocol):
             self._on_event(event)
         self._flush()
         self._restart_timer()
+        sender = self._sender
+        if sender is not None and sender.stalled and self.machine.data_wanted and not self._gone:
+            # BDAT without PIPELINING: the chunk's reply came; the next may go.
+            sender.stalled = False
+            self.transport.registerProducer(sender, False)
         while self._later:
             self._later.pop(0)()
 
@@ -262,8 +474,17 @@ class SMTPClientProtocol(Protocol):
             self.transport.loseConnection()
 
     def _on_event(self, event: ev.ClientEvent) -> None:
-        if isinstance(event, ev.Ready):
-            if not self._ready_settled:
+        if isinstance(event, SessionOpener.OPENING_EVENTS):
+            if isinstance(event, ev.Ready) and self.machine.tls_active:
+                self._tls_handshake = False  # EHLO answered over TLS
+            try:
+                step = self.opener.handle(event)
+            except OpeningFailed as e:
+                if self.machine.state is State.READY:
+                    self.machine.quit()  # rfc5321 4.1.1.10: leave politely
+                self._fail(SMTPSessionError(e.reason, e.reply, opening=e))
+                return
+            if step == OPEN and not self._ready_settled:
                 self._ready_settled = True
                 self._later.append(lambda: self.ready.callback(self))
         elif isinstance(event, (ev.GreetingRefused, ev.HelloRefused)):
@@ -289,12 +510,18 @@ class SMTPClientProtocol(Protocol):
             self._fail(SMTPSessionError(f"protocol error: {event.reason}", None, self._data_sent))
         elif isinstance(event, ev.Closed):
             pass  # _flush closes the transport
-        else:  # TLSReady, TLSRefused: STARTTLS is never sent yet
+        else:  # Turned, TurnRefused: TURN and ATRN are never sent here
             log.warning("unexpected client event {event!r}", event=event)
+
+    def _start_tls(self, options) -> None:
+        """The peer said 220 to STARTTLS: switch the transport (rfc3207 4)."""
+        self._tls_handshake = True
+        self.transport.startTLS(options)
 
     def _finish(self, result: SendResult) -> None:
         d, self._sending, self._result = self._sending, None, None
         self._body = None
+        self._stop_sender()  # BDAT: a refused chunk ends the transaction early
         if d is not None:
             self._later.append(lambda: d.callback(result))
 
@@ -303,11 +530,7 @@ class SMTPClientProtocol(Protocol):
         the pump has written, or at once with ``now``)."""
         if self._failure is None:
             self._failure = error
-        if self._sender is not None:
-            self._sender.stopProducing()
-            self._sender = None
-            if not self._gone:
-                self.transport.unregisterProducer()
+        self._stop_sender()
         if not self._ready_settled:
             self._ready_settled = True
             self._fire(lambda: self.ready.errback(error), now)
@@ -328,16 +551,33 @@ class SMTPClientProtocol(Protocol):
         self._sender = _BodySender(self, self._body)
         self.transport.registerProducer(self._sender, False)
 
-    def _body_chunk(self, chunk: bytes) -> None:
+    def _stop_sender(self) -> None:
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            registered = not sender.stalled
+            sender.stopProducing()
+            if registered and not self._gone:
+                self.transport.unregisterProducer()
+
+    def _body_chunk(self, chunk: bytes) -> bool:
+        """Hand ``chunk`` to the machine; True when bytes were written."""
         self.machine.send_data(chunk)
-        self._flush()
-        self._restart_timer()  # rfc5321 4.5.3.2.5: a block was handed on
+        out = self.machine.data_to_send()
+        if out:
+            self.transport.write(out)
+            self._restart_timer()  # rfc5321 4.5.3.2.5: a block was handed on
+        return bool(out)
+
+    def _body_stalled(self) -> None:
+        """The machine takes no data now (a BDAT reply is due): stop pulling."""
+        self.transport.unregisterProducer()
 
     def _body_done(self) -> None:
         self._sender = None
         self.transport.unregisterProducer()
-        self.machine.end_data()
-        self._data_sent = True
+        if self.machine.state is State.DATA:
+            self.machine.end_data()
+            self._data_sent = True
         self._pump()
 
     def _body_failed(self, failure: Failure) -> None:
@@ -367,11 +607,14 @@ class SMTPClientProtocol(Protocol):
         self._timer = None
         seconds = self.timeouts[phase]
         log.info("timeout ({phase}, {seconds:g} s) talking to {peer}", phase=phase, seconds=seconds, peer=self.peer)
-        if phase == "data-block":
-            reason = f"timed out after {seconds:g} s sending message data"
+        if self._tls_handshake:
+            error = SMTPSessionError(f"TLS handshake failed: no answer within {seconds:g} s", tls_failed=True)
+        elif phase == "data-block":
+            error = SMTPSessionError(f"timed out after {seconds:g} s sending message data", None, self._data_sent)
         else:
             reason = f"timed out after {seconds:g} s waiting for the {phase} reply"
-        self._fail(SMTPSessionError(reason, None, self._data_sent), now=True)
+            error = SMTPSessionError(reason, None, self._data_sent)
+        self._fail(error, now=True)
         _abort(self.transport)
 
 
@@ -383,12 +626,19 @@ def _abort(transport) -> None:
 class SMTPClientFactory(Factory):
     """Builds one ``SMTPClientProtocol`` (for an endpoint's ``connect``)."""
 
-    def __init__(self, settings: ClientSettings, clock, timeouts: Mapping[str, float] | None = None) -> None:
+    def __init__(
+        self,
+        settings: ClientSettings,
+        clock,
+        timeouts: Mapping[str, float] | None = None,
+        security: SessionSecurity | None = None,
+    ) -> None:
         self.settings = settings
         self.clock = clock
         self.timeouts = dict(timeouts or {})
+        self.security = security
 
     def buildProtocol(self, addr) -> SMTPClientProtocol:
-        protocol = SMTPClientProtocol(self.settings, self.clock, self.timeouts)
+        protocol = SMTPClientProtocol(self.settings, self.clock, self.timeouts, self.security)
         protocol.factory = self
         return protocol

@@ -107,6 +107,8 @@ class RouteConfig:
     ``domain`` is the recipient domain it serves (``"*"`` for the smarthost).
     ``tls``: ``none``, ``opportunistic`` (STARTTLS when offered) or
     ``required``. ``username``/``password_file``: AUTH to that host.
+    ``ca_file``: the CAs (PEM) a ``required`` host's certificate must lead
+    to; ``None``: the system's.
     """
 
     domain: str
@@ -115,6 +117,7 @@ class RouteConfig:
     tls: str = "opportunistic"
     username: str = ""
     password_file: Path | None = None
+    ca_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -558,8 +561,9 @@ _RELAY_KEYS = tuple(k for k in RelayConfig.__dataclass_fields__ if k != "routes"
     "tls",
     "username",
     "password_file",
+    "ca_file",
 )
-_ROUTE_KEYS = ("domain", "host", "port", "tls", "username", "password_file")
+_ROUTE_KEYS = ("domain", "host", "port", "tls", "username", "password_file", "ca_file")
 
 
 def _hostPort(t: _Table, key: str, text: str, defaultPort: int) -> tuple[str, int]:
@@ -587,7 +591,17 @@ def _hostPort(t: _Table, key: str, text: str, defaultPort: int) -> tuple[str, in
     return host, port
 
 
-def _readRoute(t: _Table, domain: str, hostText: str, base: Path, defaultPort: int) -> RouteConfig:
+def _readCAFile(t: _Table, base: Path) -> Path:
+    """``ca_file``: a PEM file holding at least one certificate."""
+    path, text = t.text("ca_file", base)
+    if "-----BEGIN CERTIFICATE-----" not in text:
+        t.fail("ca_file", f"{path}: no PEM certificate in it")
+    return path
+
+
+def _readRoute(
+    t: _Table, domain: str, hostText: str, base: Path, defaultPort: int, defaultCA: Path | None = None
+) -> RouteConfig:
     """The host, TLS and AUTH settings of one route (the smarthost or a [[relay.route]])."""
     host, port = _hostPort(t, "host" if "host" in t.data else "smarthost", hostText, defaultPort)
     if "port" in t.data:
@@ -605,7 +619,10 @@ def _readRoute(t: _Table, domain: str, hostText: str, base: Path, defaultPort: i
         passwordFile, _ = t.text("password_file", base)
     if username and passwordFile is None:
         t.fail("password_file", "needed with username (AUTH to the relay host)")
-    return RouteConfig(domain=domain, host=host, port=port, tls=tls, username=username, password_file=passwordFile)
+    caFile = _readCAFile(t, base) if "ca_file" in t.data else defaultCA
+    return RouteConfig(
+        domain=domain, host=host, port=port, tls=tls, username=username, password_file=passwordFile, ca_file=caFile
+    )
 
 
 def _readRelay(fileName: str, t: _Table, base: Path) -> RelayConfig:
@@ -616,6 +633,8 @@ def _readRelay(fileName: str, t: _Table, base: Path) -> RelayConfig:
         t.fail("port", f"out of range: {port}")
     if t.data.get("tls", "opportunistic") not in TLS_MODES:
         t.fail("tls", f"must be one of {', '.join(TLS_MODES)}; got {_show(t.data['tls'])}")
+    # [relay] ca_file: the smarthost's, and every route's that names none.
+    defaultCA = _readCAFile(t, base) if "ca_file" in t.data else None
     smarthost = None
     text = t.data.get("smarthost", "")
     if not isinstance(text, str):
@@ -642,7 +661,7 @@ def _readRelay(fileName: str, t: _Table, base: Path) -> RelayConfig:
             rt.fail("domain", f"not a valid domain name: {_show(entry.get('domain'))}")
         if any(r.domain == domain for r in routes):
             rt.fail("domain", f"{domain} has two routes")
-        routes.append(_readRoute(rt, domain, rt.string("host", ""), base, 25))
+        routes.append(_readRoute(rt, domain, rt.string("host", ""), base, 25, defaultCA))
     seconds = {
         key: t.seconds(key, getattr(default, key))
         for key in RelayConfig.__dataclass_fields__

@@ -111,6 +111,7 @@ def smtp_listeners(cfg: configuration.Config, reactor, context: ReceiverContext,
         auth_without_tls=cfg.auth.allow_plaintext_without_tls,
         max_errors=smtp.max_errors,
         etrn=turnaround is not None,  # rfc1985, on the MX listeners
+        chunking=True,  # rfc3030 BDAT, on the MX and submission listeners
     )
     common = dict(
         clock=reactor,
@@ -157,7 +158,7 @@ def smtp_listeners(cfg: configuration.Config, reactor, context: ReceiverContext,
         # rfc2645: EHLO, AUTH (CRAM-MD5 before TLS when allowed), ATRN, QUIT; the rest 502.
         odmr_settings = dataclasses.replace(
             mx_settings, odmr=True, etrn=False, starttls=True, auth_mechanisms=cfg.auth.mechanisms,
-            challenge_auth_without_tls=cfg.atrn.challenge_auth_without_tls,
+            challenge_auth_without_tls=cfg.atrn.challenge_auth_without_tls, chunking=False,
         )
         odmr = SMTPServerFactory(context, odmr_settings, tls=context_tls, authenticator=auth, **common)
         for description in odmr_listen:

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from mailsvc import passwd
+from mailsvc.tls import self_signed
 from realserver import RawSMTP, RealServer, start_server  # noqa: F401 (fixture)
 
 MAILSVC = Path(sys.prefix) / "bin" / "mailsvc"
@@ -255,3 +256,23 @@ def test_kill9_during_turn_delivery_loses_nothing(start_server, tmp_path):
     assert result.returncode == 0 and "1 message received" in result.stdout, result.stderr
     (path,) = customer.wait_for_mail("u", 1)
     assert b"Subject: " + subjects[1] in path.read_bytes()
+
+
+def test_untrusted_provider_certificate_is_refused(start_server, tmp_path):
+    """The provider's certificate checked against another CA file, or for
+    another name: the call-in stops before AUTH with status 1 and says why
+    (mailsvc.tls.ClientTLSContext, shared with the relay client); nothing
+    held moves."""
+    provider = start_provider(start_server, tmp_path)
+    customer = start_customer(start_server, tmp_path)
+    hold_mail(provider, 1)
+    target = f"127.0.0.1:{provider.atrn_port}"
+    other = tmp_path / "other-cert.pem"
+    other.write_bytes(self_signed("mx.test")[0])  # the right name, another key: not the provider's
+    result = turn(customer, target, "--cafile", str(other), "--tls-name", "mx.test")
+    assert result.returncode == 1, result.stderr
+    assert "TLS with the provider failed: certificate of mx.test is not trusted" in result.stderr
+    result = turn(customer, target, "--cafile", str(provider.cert_file), "--tls-name", "wrong.test")
+    assert result.returncode == 1, result.stderr
+    assert "certificate for wrong.test does not match: it is for mx.test" in result.stderr
+    assert len(held(provider)) == 1

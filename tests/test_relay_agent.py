@@ -612,22 +612,30 @@ def test_dot_stuffing(tmp_path):
     assert data == relay.wire(message)
 
 
-def test_route_tls_required_and_auth_are_refused_honestly(tmp_path):
-    """A route that requires TLS defers with 4.7.5, one with AUTH defers too;
-    neither connects (STARTTLS and AUTH to relays are not there yet)."""
+def test_route_tls_required_without_starttls_and_auth_without_tls_defer(tmp_path):
+    """A route that requires TLS, to a peer without STARTTLS, defers with
+    4.7.5 before any MAIL; a route with AUTH and opportunistic TLS defers
+    too rather than send the password in clear (mailsvc.clientprotocol)."""
     tls = RouteConfig(domain="remote.test", host="mx.partner.test", tls="required")
     relay = Relay(tmp_path, routes=(tls,))
+    script = relay.net.add("mx.partner.test", 25, Scripted()).script
     message = relay.queue(HEADERS + b"x\r\n")
     error = result_of(relay.deliver(message))["alice@remote.test"]
     assert isinstance(error, TemporaryDeliveryError) and error.status == "4.7.5"
-    assert "TLS required by route" in error.text and "not available yet" in error.text
+    assert error.text == "mx.partner.test:25: STARTTLS not offered (TLS is required for this route)"
+    assert script["commands"] == ["EHLO relay.example.test", "QUIT"]
 
-    auth = RouteConfig(domain="remote.test", host="mx.partner.test", tls="none", username="us")
+    password = tmp_path / "password"
+    password.write_text("secret\n")
+    auth = RouteConfig(domain="remote.test", host="mx.partner.test", username="us", password_file=password)
     relay = Relay(tmp_path / "2", routes=(auth,))
+    script = relay.net.add("mx.partner.test", 25, Scripted(extensions=["AUTH PLAIN LOGIN"])).script
     message = relay.queue(HEADERS + b"x\r\n")
     error = result_of(relay.deliver(message))["alice@remote.test"]
-    assert isinstance(error, TemporaryDeliveryError) and "AUTH to relay" in error.text
-    assert relay.net.attempts == [] and relay.mx.asked == []
+    assert isinstance(error, TemporaryDeliveryError) and error.status == "4.7.5"
+    assert "password is not sent in clear text" in error.text
+    assert script["commands"] == ["EHLO relay.example.test", "QUIT"]
+    assert relay.mx.asked == []
 
 
 def test_static_route_and_smarthost(tmp_path):

@@ -12,14 +12,18 @@ message it groups the pending recipients by domain and, for each domain:
    else a new one (``connect_timeout``), under the caps ``max_connections``
    in all and ``max_connections_per_destination`` per host and port, idle
    connections counted;
-3. sends one transaction (``mailsvc.clientprotocol``) with SIZE (rfc1870) and
+3. on a new connection, after EHLO: STARTTLS and AUTH (see "TLS and AUTH"
+   below), then EHLO again over TLS;
+4. sends one transaction (``mailsvc.clientprotocol``) with SIZE (rfc1870) and
    BODY=8BITMIME when the message came with it and the peer offers 8BITMIME
    (rfc6152). To a peer without it, an 8-bit message is converted to 7-bit
    MIME (``mailsvc.delivery.downgrade``: quoted-printable or base64 parts,
    made once per delivery off the reactor thread) and sent without BODY,
    SIZE being the converted size; one that cannot be converted (not MIME,
-   8-bit header fields, too large) fails with 5.6.3 (rfc6152 3);
-4. keeps the connection idle for the next message to the same host and port
+   8-bit header fields, too large) fails with 5.6.3 (rfc6152 3). The body
+   goes in BDAT chunks when the peer offers CHUNKING (rfc3030), pipelined
+   under PIPELINING, else as dot-stuffed DATA;
+5. keeps the connection idle for the next message to the same host and port
    when the session is still good, until it has carried
    ``max_messages_per_connection`` transactions or stays unused for
    ``idle_timeout`` seconds; then QUIT. ``close()`` QUITs the idle ones.
@@ -47,14 +51,31 @@ ORCPT per recipient, RET and ENVID per message); then the peer sends any
 success report. To a peer without DSN, a recipient that asked for
 NOTIFY=SUCCESS gets a "relayed" report from us (rfc3461 5.2.2).
 
-Not done yet, and refused honestly rather than done half-way:
+TLS and AUTH (``mailsvc.clientprotocol.SessionOpener``, ``mailsvc.tls.ClientTLSContext``):
 
-- STARTTLS: a route with ``tls = "required"`` defers with 4.7.5;
-  ``opportunistic`` routes and MX hosts are sent to in clear text.
-- AUTH to a relay host: a route with ``username`` defers.
-- 8-bit header fields are not encoded (rfc2047) for a peer without
-  8BITMIME: such a message bounces with 5.6.3, as does one over the
-  downgrade limit (it is converted in memory).
+- MX hosts, and routes with ``tls = "opportunistic"``: STARTTLS when
+  offered (rfc3207), the certificate not checked (like Postfix's ``may``:
+  encryption against passive listeners; MTA-STS and DANE, which would say
+  when to check, are not done). When the handshake fails, that host is
+  tried again at once without TLS, once, and it is logged.
+- ``tls = "required"`` (a route or the smarthost): STARTTLS must be offered
+  and succeed; the chain must verify against the system's CAs or the
+  route's ``ca_file``, and the certificate must name the route's host (or,
+  for a ``[[relay.route]]``, its domain: rfc7817 3), checked with
+  ``service_identity``. Any failure defers every recipient of the route
+  with 4.7.5 and says why ("certificate for mx.example does not match: it
+  is for ...", "STARTTLS not offered").
+- ``username`` and ``password_file`` (read at each connection): AUTH PLAIN,
+  or LOGIN when only that is offered (rfc4954), once TLS is up; without
+  TLS the password is not sent (4.7.5) unless the route says
+  ``tls = "none"``. AUTH not offered: 4.7.0. AUTH refused: deferred, not
+  bounced (Postfix's ``smtp_sasl_auth_soft_bounce``: the fault is in our
+  configuration, which can be fixed before the message expires), with the
+  peer's reply and its status code made temporary (535 5.7.8 → 4.7.8).
+
+Not done: 8-bit header fields are not encoded (rfc2047) for a peer without
+8BITMIME: such a message bounces with 5.6.3, as does one over the
+downgrade limit (it is converted in memory).
 """
 
 from __future__ import annotations
@@ -75,7 +96,9 @@ from zope.interface import implementer
 
 from mailsvc.clientprotocol import (
     CHUNK_SIZE,
+    OpeningFailed,
     SendResult,
+    SessionSecurity,
     SMTPClientFactory,
     SMTPSessionError,
     timeouts_from,
@@ -90,6 +113,7 @@ from mailsvc.smtp.client import ClientSettings, State
 from mailsvc.smtp.client_events import Transaction
 from mailsvc.smtp import xtext
 from mailsvc.smtp.replies import Reply
+from mailsvc.tls import ClientTLSContext, TLSError
 
 # The MAIL parameters of the received message that are passed on (when the
 # peer offers their extension; the client machine checks that).
@@ -101,6 +125,15 @@ DOWNGRADE_LIMIT = 16 * 1024 * 1024
 # What _converse returns when a reused connection was found dead before the
 # peer answered anything of the transaction: connect again.
 _STALE = object()
+
+
+class _TLSFailed:
+    """What _converse returns when the TLS handshake (or the certificate
+    check) failed: ``error`` for the recipients, unless the policy allows
+    trying again without TLS."""
+
+    def __init__(self, error: DeliveryError) -> None:
+        self.error = error
 
 
 def endpoint_connector(reactor) -> Callable:
@@ -166,6 +199,7 @@ class RelayAgent:
         self._log = log or Logger(namespace="mailsvc.delivery.relay")
         self._blocking = run_blocking or defer.maybeDeferred
         self._downgrade_limit = downgrade_limit
+        self._checked_tls: dict = {}  # (names, ca_file) -> ClientTLSContext, built once
         self._pool = ConnectionPool(
             clock,
             relay_config.max_connections,
@@ -287,12 +321,10 @@ class RelayAgent:
 
         route = self._config.route_for(domain)
         if route is not None:
-            if route.tls == "required":
-                return {**results, **_all(valid, TemporaryDeliveryError(
-                    f"TLS required by route to {route.host} but not available yet", "4.7.5"))}
-            if route.username:
-                return {**results, **_all(valid, TemporaryDeliveryError(
-                    f"AUTH to relay {route.host} not available yet", "4.7.0"))}
+            try:
+                security = await self._route_security(route)
+            except DeliveryError as e:
+                return {**results, **_all(valid, e)}
             targets = [(route.host, route.host, route.port)]
         else:
             try:
@@ -303,7 +335,14 @@ class RelayAgent:
 
         last: DeliveryError = TemporaryDeliveryError(f"no host to try for {domain}", "4.4.4")
         for name, host, port in targets:
-            outcome = await self._attempt(message, content, transaction, name, host, port)
+            if route is None:
+                # An MX host: opportunistic STARTTLS, no check (no MTA-STS, no DANE).
+                key, host_security = (host, port), _opportunistic(name)
+            else:
+                # A route's connections are its own: its TLS and AUTH differ.
+                plain = route.tls == "opportunistic" and not route.username
+                key, host_security = ((host, port) if plain else (host, port, route.domain)), security
+            outcome = await self._attempt(message, content, transaction, name, host, port, host_security, key)
             if isinstance(outcome, dict):
                 return {**results, **outcome}
             last = outcome
@@ -320,25 +359,75 @@ class RelayAgent:
 
     # ---------------------------------------------------------- one address
 
-    async def _attempt(self, message, content, transaction, name, host, port):
+    async def _route_security(self, route) -> SessionSecurity:
+        """STARTTLS and AUTH for a route (or the smarthost), its password read now.
+
+        :raise TemporaryDeliveryError: the password file or CA file cannot be used.
+        """
+        password = ""
+        if route.username:
+            try:
+                password = await self._blocking(_read_password, route.password_file)
+            except (OSError, ValueError) as e:
+                # rfc3463 3.4: X.3.5 system incorrectly configured.
+                raise TemporaryDeliveryError(f"cannot read the password for {route.host}: {e}", "4.3.5") from None
+        if route.tls == "none":
+            options = None
+        elif route.tls == "opportunistic":
+            options = ClientTLSContext((route.host,), verify=False)
+        else:
+            # rfc7817 3: the host the connection is opened to, and (for a
+            # per-domain route) the domain of the recipients.
+            names = (route.host,) if route.domain == "*" else (route.host, route.domain)
+            ca_file = route.ca_file
+            options = self._checked_tls.get((names, ca_file))
+            if options is None:
+                try:
+                    options = ClientTLSContext(names, verify=True, ca_file=ca_file)
+                except TLSError as e:
+                    raise TemporaryDeliveryError(f"TLS to {route.host}: cannot use the CA file: {e}", "4.7.5") from None
+                self._checked_tls[(names, ca_file)] = options
+        return SessionSecurity(
+            tls=route.tls,
+            tls_options=options,
+            username=route.username,
+            password=password,
+            auth_without_tls=route.tls == "none",  # said explicitly in the config
+        )
+
+    async def _attempt(self, message, content, transaction, name, host, port, security=None, key=None):
         """One transaction with ``host:port``: on an idle connection kept from
-        an earlier message, else a new one, under the connection caps.
+        an earlier message (under ``key``, default ``(host, port)``), else a
+        new one opened with ``security``, under the connection caps.
 
         Returns the per-recipient results (done with this domain), or a
         ``DeliveryError``: temporary to try the next address, permanent to
         fail every recipient.
         """
         where = f"{name}[{host}]:{port}" if name != host else f"{host}:{port}"
-        slot = await self._pool.acquire((host, port))
+        security = security or SessionSecurity()
+        slot = await self._pool.acquire(key or (host, port))
         try:
             while True:
                 reused = slot.protocol is not None
                 if not reused:
-                    error = await self._connect(slot, host, port, where)
+                    error = await self._connect(slot, host, port, where, security)
                     if error is not None:
                         self._pool.release(slot, reuse=False)
                         return error
                 outcome = await self._converse(slot, message, content, transaction, name, where)
+                if isinstance(outcome, _TLSFailed):
+                    if security.tls != "opportunistic":
+                        outcome = outcome.error
+                        break
+                    # Opportunistic: that host again at once, in clear, this time only.
+                    self._log.warn(
+                        "TLS with {where} failed ({error}); sending without TLS this time",
+                        where=where, error=outcome.error.text,
+                    )
+                    security = security.without_tls()
+                    self._pool.discard(slot)
+                    continue
                 if outcome is not _STALE:
                     break
                 # The kept connection died while idle: a new one, at once.
@@ -359,9 +448,11 @@ class RelayAgent:
             )
         return outcome
 
-    async def _connect(self, slot: PooledConnection, host: str, port: int, where: str) -> DeliveryError | None:
+    async def _connect(
+        self, slot: PooledConnection, host: str, port: int, where: str, security: SessionSecurity | None = None
+    ) -> DeliveryError | None:
         """Connect ``slot`` to ``host:port``; the error when that failed."""
-        factory = SMTPClientFactory(self._settings, self._clock, self._timeouts)
+        factory = SMTPClientFactory(self._settings, self._clock, self._timeouts, security)
         connecting = defer.maybeDeferred(self._connector, host, port, factory)
         connecting.addTimeout(self._config.connect_timeout, self._clock)
         try:
@@ -382,6 +473,11 @@ class RelayAgent:
             try:
                 await protocol.ready
             except SMTPSessionError as e:
+                if e.tls_failed:
+                    # rfc3463 3.8: X.7.5 cryptographic failure.
+                    return _TLSFailed(TemporaryDeliveryError(f"{where}: {e.reason}", "4.7.5"))
+                if e.opening is not None:
+                    return _opening_error(where, e.opening)
                 return _session_error(name, where, e)
         if transaction.body_8bit and "8BITMIME" not in protocol.extensions:
             # rfc6152 3: no 8-bit data to this peer: convert to 7-bit MIME, or bounce.
@@ -452,6 +548,44 @@ def _session_error(name: str, where: str, error: SMTPSessionError) -> DeliveryEr
         return _said(name, error.reply)
     # rfc3463 3.5: X.4.2 bad connection (timeouts, lost connections).
     return TemporaryDeliveryError(f"conversation with {where} failed: {error.reason}", "4.4.2")
+
+
+def _opening_error(where: str, failure: OpeningFailed) -> DeliveryError:
+    """STARTTLS or AUTH did not go as the route demands: always temporary."""
+    if failure.tls:
+        # rfc3463 3.8: X.7.5 cryptographic failure (X.7.4 is "useful only as
+        # a permanent error").
+        hint = {
+            "no-starttls": " (TLS is required for this route)",
+            "starttls-refused": " (TLS is required for this route)",
+            "auth-needs-tls": ' (tls = "none" on the route allows AUTH in clear)',
+        }[failure.kind]
+        return TemporaryDeliveryError(f"{where}: {failure.reason}{hint}", "4.7.5")
+    if failure.kind == "auth-refused" and failure.reply is not None:
+        # Deferred, not bounced, like Postfix's smtp_sasl_auth_soft_bounce:
+        # the password is ours to fix. rfc4954 6: 535 5.7.8 → 4.7.8.
+        enhanced = failure.reply.enhanced
+        status = "4" + enhanced[1:] if enhanced else ("4.7.8" if failure.reply.code == 535 else "4.7.0")
+        return TemporaryDeliveryError(f"{where}: {failure.reason}", status)
+    return TemporaryDeliveryError(f"{where}: {failure.reason}", "4.7.0")
+
+
+def _opportunistic(name: str) -> SessionSecurity:
+    """STARTTLS when offered, any certificate (an MX host: rfc3207 4.1 leaves
+    the check to local policy; MTA-STS and DANE are not done)."""
+    return SessionSecurity(tls="opportunistic", tls_options=ClientTLSContext((name,), verify=False))
+
+
+def _read_password(path) -> str:
+    """The first line of the password file (blocking).
+
+    :raise ValueError: it is empty.
+    """
+    with open(path, encoding="utf-8") as f:
+        password = f.readline().rstrip("\r\n")
+    if not password:
+        raise ValueError(f"{path} is empty")
+    return password
 
 
 def _unanswered(error: SMTPSessionError) -> bool:

@@ -3,10 +3,18 @@
 The twin of ``mailsvc.smtp.server``, shaped like h11: ``receive_data(bytes)``
 takes what the server sent, ``next_event()`` hands out what it meant
 (``mailsvc.smtp.client_events``), the caller's calls (``send_message``,
-``send_data``, ``end_data``, ``start_tls``, ``auth_plain``, ``turn``,
-``atrn``, ``quit``) queue commands, and
+``send_data``, ``end_data``, ``start_tls``, ``auth_plain``, ``auth_login``,
+``turn``, ``atrn``, ``quit``) queue commands, and
 ``data_to_send()`` gives the bytes to write. No I/O, no Twisted, no clock:
 timeouts are the caller's, ``timeout_phase`` says which one applies.
+
+The body goes as DATA (dot-stuffed, rfc5321 4.5.2) or, when the server
+offers CHUNKING, as BDAT chunks (rfc3030: no stuffing, no 354; each
+``send_data`` chunk becomes one ``BDAT n``, the last one ``BDAT n LAST``).
+Under PIPELINING the chunks go without waiting for their replies (rfc3030
+2, example 4.2); without it, ``data_wanted`` says when the next chunk may go.
+As in that example, the first chunk waits for the MAIL and RCPT replies:
+nothing of the body goes when no recipient was accepted.
 
 Misuse by the caller (a call in the wrong state, a malformed envelope) raises
 ``RuntimeError`` / ``ValueError``; anything the server does, however wrong,
@@ -51,6 +59,7 @@ class ClientSettings:
 
     helo_name: str  # rfc5321 4.1.1.1: our domain or address literal
     pipelining: bool = True  # use PIPELINING when the server offers it
+    chunking: bool = True  # use CHUNKING (BDAT, rfc3030) when the server offers it
     tls: bool = False  # the transport is TLS from the start (rfc8314 implicit TLS)
 
     def __post_init__(self) -> None:
@@ -68,7 +77,7 @@ class State(enum.Enum):
     STARTTLS = "starttls"  # STARTTLS sent
     TLS_HANDSHAKE = "tls-handshake"  # 220 to STARTTLS; waiting for tls_started()
     TRANSACTION = "transaction"  # MAIL, RCPT, DATA (or RSET) replies due
-    DATA = "data"  # 354 came: send_data() / end_data()
+    DATA = "data"  # 354 came (or, with BDAT, a recipient was accepted): send_data() / end_data()
     DATA_END = "data-end"  # end of data sent; the final reply is due
     QUIT = "quit"  # QUIT sent
     AUTH = "auth"  # AUTH sent; 235 or a refusal is due
@@ -90,7 +99,8 @@ class _Tag(enum.Enum):
     RCPT = "RCPT"
     DATA = "DATA"
     DOT = "dot"  # the lone "." after 354 with no recipient (rfc2920 3.1)
-    END = "end"  # end of data
+    END = "end"  # end of data (or BDAT ... LAST)
+    BDAT = "BDAT"  # a BDAT chunk that is not the last (rfc3030 2)
     QUIT = "QUIT"
     AUTH = "AUTH"
     TURN = "TURN"  # TURN or ATRN
@@ -104,6 +114,7 @@ _PHASES = {
     _Tag.DATA: "data-init",
     _Tag.DOT: "data-end",
     _Tag.END: "data-end",
+    _Tag.BDAT: "data-block",
     # rfc2645 5.2.1: the ATRN timeout "MUST be at least 10 minutes" (the
     # provider reads its queue first): the 10-minute phase.
     _Tag.TURN: "data-end",
@@ -118,6 +129,8 @@ class _Exchange:
         self.mail_refusal: Reply | None = None
         self.accepted: list[str] = []
         self.rcpt_index = 0  # the recipient whose RCPT reply is due next
+        self.chunking = False  # the body goes as BDAT chunks (rfc3030)
+        self.chunk_refusal: Reply | None = None  # the first BDAT chunk refused
 
 
 class ClientConnection:
@@ -142,6 +155,9 @@ class ClientConnection:
         self._unsent: collections.deque[tuple[_Tag, bytes]] = collections.deque()
         self._exchange: _Exchange | None = None
         self._stuffer: DotStuffer | None = None
+        self._chunk: bytes | None = None  # BDAT: the chunk held back, to go with LAST
+        self._tail = b""  # BDAT: the last two octets of the data so far
+        self._auth_answers: collections.deque[bytes] = collections.deque()  # lines for 334s
         # The server may still hold a transaction (MAIL accepted, no end of
         # data since): the next one starts with RSET (rfc5321 4.1.1.5).
         self._needs_reset = False
@@ -191,6 +207,24 @@ class ClientConnection:
         return int(value) if value.isdigit() else 0
 
     @property
+    def chunking(self) -> bool:
+        """True when the transaction in progress sends its body with BDAT (rfc3030)."""
+        return self._exchange is not None and self._exchange.chunking
+
+    @property
+    def data_wanted(self) -> bool:
+        """True when ``send_data`` may be called now: in ``DATA``, and, for
+        BDAT without PIPELINING, once the last chunk sent has its reply
+        (rfc3030 2 and its example 4.2: only with PIPELINING may chunks go unanswered)."""
+        if self.state is not State.DATA:
+            return False
+        return not self.chunking or self._pipelining or not self._due
+
+    @property
+    def _pipelining(self) -> bool:
+        return self.settings.pipelining and "PIPELINING" in self.extensions
+
+    @property
     def timeout_phase(self) -> str | None:
         """The rfc5321 4.5.3.2 timeout that applies now: "greeting", "mail",
         "rcpt", "data-init", "data-block" or "data-end" (5, 5, 5, 2, 3, 10
@@ -212,31 +246,65 @@ class ClientConnection:
             self._events.append(ev.TransactionFailed(refusal, synthetic=True))
             return
         self._exchange = _Exchange(transaction)
+        self._exchange.chunking = self.settings.chunking and "CHUNKING" in self.extensions
         self.state = State.TRANSACTION
         if self._needs_reset:
             self._unsent.append((_Tag.RSET, b"RSET\r\n"))
         self._unsent.append((_Tag.MAIL, _command(f"MAIL FROM:<{transaction.sender}>", mail_params)))
         for address, params in transaction.recipients:
             self._unsent.append((_Tag.RCPT, _command(f"RCPT TO:<{address}>", self._offered(params))))
-        self._unsent.append((_Tag.DATA, b"DATA\r\n"))
+        if not self._exchange.chunking:
+            # With BDAT there is no DATA: the first chunk goes once a
+            # recipient is accepted (``_recipients_done``).
+            self._unsent.append((_Tag.DATA, b"DATA\r\n"))
         self._write_unsent()
 
     def send_data(self, chunk: bytes) -> None:
-        """Send message bytes (unstuffed, CRLF line ends, any chunking) after ``StartData``."""
+        """Send message bytes (unstuffed, CRLF line ends, any chunking) after
+        ``StartData``. With BDAT, check ``data_wanted`` first."""
         self._require(State.DATA)
+        if self.chunking:
+            if not self.data_wanted:
+                raise RuntimeError("the last BDAT chunk is not answered yet (no PIPELINING)")
+            if chunk:
+                # Each chunk is held back until the next one comes, so that
+                # the last one can carry LAST (rfc3030 2) without "BDAT 0 LAST".
+                if self._chunk:
+                    self._send_chunk(self._chunk, last=False)
+                self._chunk = chunk
+                self._tail = (self._tail + chunk)[-2:]
+            return
         assert self._stuffer is not None
         stuffed = self._stuffer.stuff(chunk)
         if stuffed:
             self._out.append(stuffed)
 
     def end_data(self) -> None:
-        """End the message (rfc5321 4.1.1.4); ``MessageResult`` follows."""
+        """End the message (rfc5321 4.1.1.4; rfc3030 2: ``BDAT n LAST``);
+        ``MessageResult`` follows."""
         self._require(State.DATA)
+        if self.chunking:
+            if not self.data_wanted:
+                raise RuntimeError("the last BDAT chunk is not answered yet (no PIPELINING)")
+            chunk, self._chunk = self._chunk or b"", None
+            if self._tail not in (b"", b"\r\n"):
+                # As with DATA, data that does not end with CRLF gets one
+                # (rfc5321 4.1.1.4), so both ways deliver the same octets.
+                chunk += b"\r\n"
+            self._send_chunk(chunk, last=True)
+            self.state = State.DATA_END
+            return
         assert self._stuffer is not None
         self._out.append(self._stuffer.end())
         self._stuffer = None
         self._expect(_Tag.END)
         self.state = State.DATA_END
+
+    def _send_chunk(self, chunk: bytes, last: bool) -> None:
+        """rfc3030 2: ``BDAT <size> [LAST]`` CRLF, then exactly that many octets."""
+        head = f"BDAT {len(chunk)} LAST\r\n" if last else f"BDAT {len(chunk)}\r\n"
+        self._out.append(head.encode("ascii") + chunk)
+        self._expect(_Tag.END if last else _Tag.BDAT)
 
     def start_tls(self) -> None:
         """Send STARTTLS (rfc3207 4); ``TLSReady`` or ``TLSRefused`` follows."""
@@ -269,7 +337,24 @@ class ClientConnection:
             raise ValueError("AUTH PLAIN needs a user and a password without NUL")
         message = "\0".join(fields).encode("utf-8")
         response = base64.b64encode(message).decode("ascii") or "="
+        self._auth_answers.clear()
         self._send(_Tag.AUTH, f"AUTH PLAIN {response}\r\n".encode("ascii"))
+        self.state = State.AUTH
+
+    def auth_login(self, username: str, password: str) -> None:
+        """AUTH LOGIN (draft-murchison-sasl-login): the user name answers the
+        first 334, the password the second; ``AuthSucceeded`` or
+        ``AuthFailed`` follows. No initial response, which every server
+        takes. The caller makes sure the transport is encrypted."""
+        self._require(State.READY)
+        if "LOGIN" not in self.extensions.get("AUTH", "").upper().split():
+            raise RuntimeError("AUTH LOGIN is not offered here")
+        if not username or not password or any(c in f for f in (username, password) for c in "\0\r\n"):
+            raise ValueError("AUTH LOGIN needs a user and a password without NUL, CR or LF")
+        self._auth_answers = collections.deque(
+            base64.b64encode(text.encode("utf-8")) + b"\r\n" for text in (username, password)
+        )
+        self._send(_Tag.AUTH, b"AUTH LOGIN\r\n")
         self.state = State.AUTH
 
     def turn(self) -> None:
@@ -359,12 +444,12 @@ class ClientConnection:
         self._due.clear()
         self._unsent.clear()
         self._parser.discard()
-        self._exchange = self._stuffer = None
+        self._exchange = self._stuffer = self._chunk = None
 
     def _finish(self, event: ev.ClientEvent) -> None:
         """The transaction is over: report it; the machine is ready again."""
         self._events.append(event)
-        self._exchange = None
+        self._exchange = self._chunk = None
         self._unsent.clear()
         self.state = State.READY
 
@@ -446,13 +531,18 @@ class ClientConnection:
         digit = reply.code // 100
         if reply.code == 235:
             self.state = State.READY
+            self._auth_answers.clear()
             self._events.append(ev.AuthSucceeded(reply))
         elif reply.code == 334:
-            # PLAIN went with an initial response: a challenge means the
-            # server wants something else; cancel (rfc4954 4: "*" gets 501).
-            self._send(_Tag.AUTH, b"*\r\n")
+            # LOGIN: each challenge gets the next answer, by order, not by
+            # its text ("Username:", "Password:" vary). PLAIN went with an
+            # initial response, and a third LOGIN challenge is out of step:
+            # cancel (rfc4954 4: "*" gets 501).
+            answer = self._auth_answers.popleft() if self._auth_answers else b"*\r\n"
+            self._send(_Tag.AUTH, answer)
         elif digit in (4, 5):
             self.state = State.READY
+            self._auth_answers.clear()
             self._events.append(ev.AuthFailed(reply))
         else:
             self._unexpected(reply)
@@ -502,6 +592,44 @@ class ClientConnection:
             if result.accepted:
                 exchange.accepted.append(address)
             self._events.append(result)
+        if exchange.chunking and exchange.rcpt_index == len(exchange.transaction.recipients):
+            self._recipients_done()
+
+    def _recipients_done(self) -> None:
+        """BDAT: every RCPT is answered. There is no DATA to ask (rfc3030 2):
+        with a recipient, the chunks may go; without one, the transaction
+        ends here, and RSET comes before the next MAIL."""
+        exchange = self._exchange
+        assert exchange is not None
+        if exchange.mail_refusal is not None:
+            self._finish(ev.TransactionFailed(exchange.mail_refusal))
+        elif not exchange.accepted:
+            self._finish(ev.MessageResult(NO_RECIPIENTS, ()))
+        else:
+            self.state = State.DATA
+            self._chunk, self._tail = None, b""
+            self._events.append(ev.StartData(None))
+
+    def _on_bdat(self, reply: Reply) -> None:
+        """The reply to a BDAT chunk that was not the last (rfc3030 2: 250)."""
+        exchange = self._exchange
+        assert exchange is not None
+        digit = reply.code // 100
+        if digit == 2:
+            pass
+        elif digit in (4, 5):
+            if exchange.chunk_refusal is None:
+                # rfc3030 2: the transaction failed; no more chunks are sent.
+                # Those already pipelined are answered too, then it ends.
+                exchange.chunk_refusal = reply
+                self._chunk = None
+                if self.state is State.DATA:
+                    self.state = State.DATA_END
+        else:
+            self._unexpected(reply)
+            return
+        if exchange.chunk_refusal is not None and not self._due:
+            self._finish(self._outcome(exchange.chunk_refusal))
 
     def _on_data(self, reply: Reply) -> None:
         exchange = self._exchange
@@ -537,11 +665,20 @@ class ClientConnection:
         return ev.MessageResult(reply, tuple(exchange.accepted))
 
     def _on_end(self, reply: Reply) -> None:
-        if reply.code // 100 in (2, 4, 5):
-            self._needs_reset = False  # rfc5321 4.1.1.4: end of data clears the transaction
-            self._finish(self._outcome(reply))
-        else:
+        exchange = self._exchange
+        if reply.code // 100 not in (2, 4, 5):
             self._unexpected(reply)
+        elif exchange is not None and exchange.chunk_refusal is not None:
+            # An earlier chunk was refused: that is the outcome; the server
+            # may still hold the transaction (rfc3030 2), so RSET comes next.
+            if not self._due:
+                self._finish(self._outcome(exchange.chunk_refusal))
+        else:
+            # rfc5321 4.1.1.4: end of data clears the transaction. After a
+            # refused BDAT LAST the server's state is less certain (rfc3030
+            # 2: "the transaction should be considered failed"): RSET first.
+            self._needs_reset = exchange is not None and exchange.chunking and reply.code >= 400
+            self._finish(self._outcome(reply))
 
 
 _REPLY_HANDLERS = {
@@ -557,6 +694,7 @@ _REPLY_HANDLERS = {
     _Tag.DATA: ClientConnection._on_data,
     _Tag.DOT: ClientConnection._on_dot,
     _Tag.END: ClientConnection._on_end,
+    _Tag.BDAT: ClientConnection._on_bdat,
 }
 
 

@@ -203,9 +203,13 @@ class RecipientResult(ClientEvent):
 @dataclass(frozen=True)
 class StartData(ClientEvent):
     """DATA got 354 and at least one recipient was accepted: stream the body
-    with ``send_data()``, then ``end_data()``."""
+    with ``send_data()``, then ``end_data()``.
 
-    reply: Reply
+    With BDAT (rfc3030) there is no DATA and no 354: ``reply`` is ``None``
+    and the event comes once every RCPT is answered and one was accepted;
+    the chunks then go as ``data_wanted`` allows."""
+
+    reply: Reply | None
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,20 @@ the unread bytes for the client role that takes the connection over
 (``mailsvc.turnaround``).
 
 Commands: rfc5321 4.1.1 (EHLO/HELO, MAIL, RCPT, DATA, RSET, VRFY, EXPN, HELP,
-NOOP, QUIT), rfc821 4.1.1 (SEND, SOML, SAML, TURN), rfc3207 (STARTTLS) and
-rfc4954 (AUTH, and the AUTH= parameter of MAIL).
+NOOP, QUIT), rfc821 4.1.1 (SEND, SOML, SAML, TURN), rfc3207 (STARTTLS),
+rfc4954 (AUTH, and the AUTH= parameter of MAIL) and, with ``chunking``,
+rfc3030 (BDAT).
+
+BDAT: the first chunk of a transaction is a ``DataCommand`` decision, as
+DATA is (accepting it sends nothing: there is no 354); its octets, and
+every later chunk's, come out as ``DataChunk`` events, checked by
+``mailsvc.smtp.chunking.ChunkReader`` (SIZE, line length, bare CR/LF, as
+for DATA, never dot-stuffed); each chunk but the last gets 250 from the
+machine; ``BDAT n LAST`` ends in a ``DataEnd`` decision (or a refusal and
+``DataRefused``), as CRLF.CRLF does. A chunk that cannot be taken (no
+transaction, no recipient, refused) is read and discarded before its
+refusal (rfc3030 2), and a failed transaction's later chunks, pipelined,
+get the same refusal until RSET.
 
 STARTTLS: accepting the ``StartTLS`` decision queues 220 and enters
 ``TLS_PENDING``, where nothing more is read and input is dropped; once the
@@ -40,12 +52,14 @@ from __future__ import annotations
 import collections
 
 from mailsvc.smtp import events as ev
+from mailsvc.smtp.chunking import ChunkReader
 from mailsvc.smtp.data import DataFault, DataReader
 from mailsvc.smtp.replies import RECIPIENT_OK, SENDER_OK, START_DATA, Reply
 from mailsvc.smtp.sasl import PLAINTEXT_MECHANISMS
 from mailsvc.smtp.server_commands import CommandParser
 from mailsvc.smtp.server_state import (  # noqa: F401 (re-exported: the machine's public names)
     AUTH_PARAMETER_ROOM,
+    AUTH_REQUIRED,
     ERROR_CODES,
     MAX_AUTH_LINE,
     MAX_COMMAND_LINE,
@@ -74,6 +88,17 @@ class ServerConnection(CommandParser):
         self._reader: DataReader | None = None
         self._accepted = 0  # recipients accepted in this transaction
         self._attempted = 0  # RCPT commands that passed syntax
+        # BDAT (rfc3030): the transaction's reader; the octets of the current
+        # chunk still to read (None: not inside a chunk), whether it is the
+        # last; the refusal to send once a chunk is read and discarded; the
+        # refusal of a failed transaction (its later chunks get it too).
+        self._chunks: ChunkReader | None = None
+        self._chunk_left: int | None = None
+        self._chunk_size = 0
+        self._chunk_last = False
+        self._chunk_refusal: Reply | None = None
+        self._bdat_failed: Reply | None = None
+        self._bdat_asking = False  # the DataCommand pending came from BDAT
 
     # ---------------------------------------------------------- driving
 
@@ -152,8 +177,8 @@ class ServerConnection(CommandParser):
 
     @property
     def in_data(self) -> bool:
-        """True while message data is being read."""
-        return self.state is State.DATA
+        """True while message data is being read (after DATA, or a BDAT chunk's octets)."""
+        return self.state is State.DATA or self._chunk_left is not None
 
     def close(self, reply: Reply) -> None:
         """End the session with ``reply`` (421 on timeout or shutdown)."""
@@ -174,6 +199,11 @@ class ServerConnection(CommandParser):
                     return None
                 self._read_data()
                 continue
+            if self._chunk_left is not None:
+                if self._chunk_left and not self._in:
+                    return None
+                self._read_chunk()
+                continue
             in_auth = self.state is State.AUTH
             line = self._take_line(MAX_AUTH_LINE if in_auth else self._command_limit())
             if line is None:
@@ -187,6 +217,12 @@ class ServerConnection(CommandParser):
     def accept(self) -> None:
         """Answer the pending decision with its usual positive reply."""
         decision = self._take_pending()
+        if isinstance(decision, ev.DataCommand) and self._bdat_asking:
+            # rfc3030 2: no 354; the first chunk's octets are read now.
+            self._bdat_asking = False
+            self.state = State.BDAT
+            self._chunks = ChunkReader(self.settings.max_message_size)
+            return
         if isinstance(decision, ev.Hello):
             self._send(self._hello_reply(decision))
         elif isinstance(decision, ev.MailFrom):
@@ -218,6 +254,13 @@ class ServerConnection(CommandParser):
         if reply.code == 421:
             self.close(reply)
             return
+        if isinstance(decision, ev.DataCommand) and self._bdat_asking:
+            # The first chunk refused: its octets are read and discarded
+            # first, then the reply; the later ones get it too (rfc3030 2).
+            self._bdat_asking = False
+            self.state = State.BDAT
+            self._chunk_refusal = self._bdat_failed = reply
+            return
         self._send(reply)
         if isinstance(decision, (ev.Auth, ev.AuthResponse)):
             self._after_auth_reply(reply)
@@ -237,6 +280,7 @@ class ServerConnection(CommandParser):
             raise RuntimeError("tls_started() without an accepted STARTTLS")
         self._in = b""
         self._discarding = False
+        self._chunk_left, self._chunk_refusal, self._bdat_asking = None, None, False
         self._reset_transaction()
         self.tls = True
         self.authenticated = False
@@ -278,7 +322,8 @@ class ServerConnection(CommandParser):
         """rfc5321 4.1.1.5: forget sender, recipients and data."""
         self._accepted = self._attempted = 0
         self._reader = None
-        if self.state in (State.MAIL, State.DATA):
+        self._chunks = self._bdat_failed = None
+        if self.state in (State.MAIL, State.DATA, State.BDAT):
             self.state = State.READY
 
     def _after_reply(self, decision: ev.Decision, positive: bool) -> None:
@@ -341,6 +386,57 @@ class ServerConnection(CommandParser):
                 continue
             line, self._in = self._in[:end], self._in[end + 2 :]
             return line
+
+    def _start_chunk(self, size: int, last: bool) -> ev.Event | None:
+        """``BDAT size [LAST]`` (rfc3030 2): read the chunk into the
+        transaction, ask about the first one, or discard it before its refusal."""
+        self._chunk_left, self._chunk_size, self._chunk_last = size, size, last
+        self._chunk_refusal = None
+        if self.state is State.BDAT:
+            self._chunk_refusal = self._bdat_failed  # None: the transaction goes on
+            return None
+        if self.settings.auth_required and not self.authenticated:
+            self._chunk_refusal = AUTH_REQUIRED  # rfc4954 6
+        elif self.state is not State.MAIL:
+            self._chunk_refusal = Reply.of(503, "5.5.1", "Need MAIL before BDAT")
+        elif self._accepted == 0 and self._attempted == 0:
+            self._chunk_refusal = Reply.of(503, "5.5.1", "Need RCPT before BDAT")
+        elif self._accepted == 0:
+            self._chunk_refusal = Reply.of(554, "5.5.1", "No valid recipients")
+        else:
+            self._bdat_asking = True
+            return ev.DataCommand()  # as DATA: may the message come?
+        return None
+
+    def _read_chunk(self) -> None:
+        """The octets of the current BDAT chunk: stored (``DataChunk``) or
+        discarded; at its end, the reply (250, or the outcome at LAST)."""
+        assert self._chunk_left is not None
+        piece, self._in = self._in[: self._chunk_left], self._in[self._chunk_left :]
+        self._chunk_left -= len(piece)
+        if self._chunk_refusal is None and self._chunks is not None:
+            content = self._chunks.feed(piece)
+            if content:
+                self._events.append(ev.DataChunk(content))
+        if self._chunk_left:
+            return
+        self._chunk_left = None
+        refusal, self._chunk_refusal = self._chunk_refusal, None
+        if refusal is not None:
+            self._send(refusal)  # rfc3030 2: after the octets are read and discarded
+        elif not self._chunk_last:
+            self._send(Reply.of(250, "2.0.0", f"{self._chunk_size} octets received"))
+        else:
+            chunks = self._chunks
+            assert chunks is not None
+            fault = chunks.finish()
+            if fault is None:
+                self._events.append(ev.DataEnd(chunks.size))
+                return
+            refusal = _refusal(fault, self.settings.max_message_size)
+            self._send(refusal)
+            self._reset_transaction()
+            self._events.append(ev.DataRefused(refusal))
 
     def _read_data(self) -> None:
         assert self._reader is not None

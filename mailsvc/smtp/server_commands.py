@@ -53,6 +53,8 @@ class CommandParser:
             return self._mail(verb, argument)
         if verb == "ETRN" and self.settings.etrn:
             return self._etrn(verb, argument)
+        if verb == "BDAT" and self.settings.chunking:
+            return self._bdat(verb, argument)
         if verb == "ATRN" and self.settings.odmr:
             return self._atrn(verb, argument)
         if verb in NOT_IMPLEMENTED:
@@ -83,6 +85,7 @@ class CommandParser:
             "8BITMIME",  # rfc6152
             "ENHANCEDSTATUSCODES",  # rfc2034
             "DSN",  # rfc3461
+            *(["CHUNKING"] if self.settings.chunking else []),  # rfc3030
             *self.settings.extensions,
             *(["ETRN"] if self.settings.etrn else []),  # rfc1985 2
             *(["ATRN"] if self.settings.odmr else []),  # rfc2645 5.1.1
@@ -96,7 +99,7 @@ class CommandParser:
         if self.state is State.GREETED:
             self._send(Reply.of(503, BAD_SEQUENCE, "Send HELO or EHLO first"))
             return None
-        if self.state is State.MAIL:
+        if self.state in (State.MAIL, State.BDAT):
             self._send(Reply.of(503, BAD_SEQUENCE, "Sender already given; RSET first"))
             return None
         try:
@@ -156,6 +159,23 @@ class CommandParser:
         else:
             return ev.DataCommand()
         return None
+
+    def _bdat(self, verb: str, argument: str) -> ev.Event | None:
+        # rfc3030 2: bdat-cmd = "BDAT" SP chunk-size [ SP end-marker ]; the
+        # octets follow the command line whatever the reply will be.
+        words = argument.split(" ")
+        size_text = words[0]
+        if (
+            len(words) > 2
+            or not (size_text.isascii() and size_text.isdigit())
+            or len(size_text) > 15
+            or (len(words) == 2 and words[1].upper() != "LAST")
+        ):
+            # Without a size there is no telling where the data ends: what
+            # follows is read as commands (rfc3030 2, last note).
+            self._syntax("Syntax: BDAT chunk-size [LAST]")
+            return None
+        return self._start_chunk(int(size_text), len(words) == 2)
 
     def _rset(self, verb: str, argument: str) -> ev.Event | None:
         if argument:

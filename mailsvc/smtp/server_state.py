@@ -41,6 +41,8 @@ class ServerSettings:
     # SCRAM-SHA-256) before TLS too; PLAIN and LOGIN still wait for TLS.
     # rfc2645 5.1.2: ODMR clients (fetchmail) use CRAM-MD5 without TLS.
     challenge_auth_without_tls: bool = False
+    # rfc3030: offer CHUNKING (BDAT); off: BDAT gets 502.
+    chunking: bool = False
 
 
 class State(enum.Enum):
@@ -51,6 +53,7 @@ class State(enum.Enum):
     READY = "ready"  # HELO/EHLO done, no transaction
     MAIL = "mail"  # MAIL accepted; RCPTs may follow
     DATA = "data"  # reading message data
+    BDAT = "bdat"  # a BDAT transaction (rfc3030): between chunks, or reading one
     AUTH = "auth"  # inside an AUTH exchange: lines are SASL responses
     TLS_PENDING = "tls-pending"  # 220 to STARTTLS queued; waiting for tls_started()
     TURNED = "turned"  # 250 to TURN/ATRN sent: roles reversed, nothing more is parsed (h11's SWITCHED_PROTOCOL)
@@ -62,7 +65,8 @@ class State(enum.Enum):
 # SAML. This server has no terminals, so all four deliver to mailboxes.
 MAIL_VERBS = frozenset({"MAIL", "SEND", "SOML", "SAML"})
 # Verbs known but not offered (rfc5321 4.2.4: 502 "not implemented").
-# ETRN and ATRN are served when the settings offer them (``etrn``, ``odmr``).
+# BDAT, ETRN and ATRN are served when the settings offer them (``chunking``,
+# ``etrn``, ``odmr``).
 NOT_IMPLEMENTED = frozenset({"BDAT", "ETRN", "ATRN"})
 # rfc2645 5.1, 5.2, 5.4: what an ODMR listener serves; the rest gets 502.
 ODMR_VERBS = frozenset({"EHLO", "HELO", "AUTH", "ATRN", "QUIT", "STARTTLS", "NOOP", "RSET", "HELP"})
