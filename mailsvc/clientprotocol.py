@@ -65,7 +65,7 @@ DEFAULT_TIMEOUTS = {
 
 
 def timeouts_from(relay_config) -> dict[str, float]:
-    """The per-phase timeouts of a ``mailsvc.config.RelayConfig``."""
+    """The per-phase timeouts of a ``mailsvc.relayconfig.RelayConfig``."""
     return {
         "greeting": relay_config.greeting_timeout,
         "mail": relay_config.mail_timeout,

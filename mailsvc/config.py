@@ -6,6 +6,11 @@ is a valid configuration. Anything wrong raises ``ConfigError`` with one line
 that names the file, the key and the problem, e.g.
 ``mailsvc.toml: [smtp] max_recipients: expected a positive integer, got "ten"``.
 Relative paths are taken from ``base_dir``.
+
+This module reads the core tables; the others have their own module, all
+built on ``mailsvc.configtable.Table``: ``relayconfig`` ([relay],
+[[uucp.site]]), ``securityconfig`` ([tls], [auth], [submission]),
+``turnconfig`` ([[hold.site]], [atrn]), ``pop3config`` ([pop3]).
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import os
-import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,7 +25,9 @@ from pathlib import Path
 from types import MappingProxyType
 
 from mailsvc import aliases as aliasfiles
+from mailsvc.configtable import Table, checkDomain, checkEndpoint, show
 from mailsvc.errors import ConfigError
+from mailsvc.relayconfig import RELAY_KEYS, RelayConfig, UucpSiteConfig, read_relay, read_uucp
 from mailsvc.pop3config import POP3Config, read_pop3
 from mailsvc.securityconfig import AuthConfig, SubmissionConfig, TLSConfig, read_auth, read_submission, read_tls
 from mailsvc.turnconfig import ATRNConfig, HoldSiteConfig, read_atrn, read_hold
@@ -30,10 +36,6 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 VRFY_MODES = ("directory", "always-252", "off")
 
-# rfc1035 2.3.1 / rfc1123 2.1: letters, digits, hyphens; labels of at most
-# 63 octets, at most 253 in all (without the trailing dot).
-_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
-_DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\Z")
 
 
 @dataclass(frozen=True)
@@ -97,81 +99,6 @@ class DeliveryConfig:
     concurrency: int = 20
 
 
-TLS_MODES = ("none", "opportunistic", "required")
-
-
-@dataclass(frozen=True)
-class RouteConfig:
-    """A fixed next hop: ``[relay] smarthost`` or one ``[[relay.route]]``.
-
-    ``domain`` is the recipient domain it serves (``"*"`` for the smarthost).
-    ``tls``: ``none``, ``opportunistic`` (STARTTLS when offered) or
-    ``required``. ``username``/``password_file``: AUTH to that host.
-    ``ca_file``: the CAs (PEM) a ``required`` host's certificate must lead
-    to; ``None``: the system's.
-    """
-
-    domain: str
-    host: str
-    port: int = 25
-    tls: str = "opportunistic"
-    username: str = ""
-    password_file: Path | None = None
-    ca_file: Path | None = None
-
-
-@dataclass(frozen=True)
-class RelayConfig:
-    """``[relay]``: how mail for other domains leaves (rfc5321 5.1, 4.5.3.2, 6.3)."""
-
-    smarthost: RouteConfig | None = None
-    routes: tuple[RouteConfig, ...] = ()
-    resolver: str = ""  # "host:port" of a DNS server; "" = the system's
-    port: int = 25  # the port MX hosts are contacted on
-    helo_name: str = ""  # "" = [server] hostname
-    max_received_headers: int = 100
-    connect_timeout: float = 30
-    greeting_timeout: float = 300
-    mail_timeout: float = 300
-    rcpt_timeout: float = 300
-    data_init_timeout: float = 120
-    data_block_timeout: float = 180
-    data_end_timeout: float = 600
-    max_messages_per_connection: int = 100
-    max_connections_per_destination: int = 5
-    max_connections: int = 50
-    delay_warning_after: float = 14400  # 0 = no delay warnings
-
-    def route_for(self, domain: str) -> RouteConfig | None:
-        """The fixed route for ``domain``: a per-domain route, else the smarthost, else None (MX)."""
-        for route in self.routes:
-            if route.domain == domain:
-                return route
-        return self.smarthost
-
-
-@dataclass(frozen=True)
-class UucpSiteConfig:
-    """One ``[[uucp.site]]``: a site reached by UUCP, its domains, and how batches leave.
-
-    Mail for ``domains`` is spooled under hop ``uucp.<name>`` and handed, as
-    BSMTP batches (rfc2442) of at most ``max_messages`` messages and
-    ``max_bytes`` octets, on standard input to ``command``
-    (``{site}`` in it is replaced by ``name``).
-    """
-
-    name: str
-    domains: tuple[str, ...]
-    command: tuple[str, ...] = ("uux", "-r", "-z", "-", "{site}!rsmtp")
-    max_messages: int = 100
-    max_bytes: int = 1048576
-
-    @property
-    def hop(self) -> str:
-        """The spool hop of this site's mail."""
-        return f"uucp.{self.name}"
-
-
 @dataclass(frozen=True)
 class PolicyConfig:
     """One ``[[policy]]`` table: the plugin ``name`` and the other keys as ``options``."""
@@ -232,113 +159,11 @@ def loads(text: str, path: str | os.PathLike) -> Config:
     return _read(data, path)
 
 
-def checkDomain(name: str) -> str | None:
-    """``name`` lower-cased without a trailing dot if it is a sane domain name, else None."""
-    if not isinstance(name, str):
-        return None
-    domain = name.lower().removesuffix(".")
-    if len(domain) > 253 or not _DOMAIN.match(domain):
-        return None
-    return domain
-
 
 # ---------------------------------------------------------------- reading
 
 _TABLES = ("server", "smtp", "local", "store", "delivery", "policy", "relay", "uucp", "tls", "auth", "submission", "hold", "atrn", "pop3")
-_NO_REACTOR = object()  # parsing an endpoint string only stores the reactor
 _DEFAULT_ALIASES = {"postmaster": ["alice"], "team": ["alice", "bob"]}
-
-
-def _show(value: object) -> str:
-    """A TOML value as an error message shows it: strings quoted, arrays named."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "a table"
-    return f"a {type(value).__name__}"
-
-
-def _resolve(base: Path, value: str) -> Path:
-    """``value`` as an absolute path, relative ones taken from ``base``."""
-    return Path(os.path.normpath(base / value))
-
-
-class _Table:
-    """One TOML table being read: typed getters that fail naming the key."""
-
-    def __init__(self, fileName: str, title: str, data: object, allowed: tuple[str, ...] | None) -> None:
-        if not isinstance(data, dict):
-            raise ConfigError(f"{fileName}: {title}: expected a table, got {_show(data)}")
-        self.fileName, self.title, self.data = fileName, title, data
-        for key in data if allowed is not None else ():
-            if key not in allowed:
-                close = difflib.get_close_matches(key, allowed, 1)
-                self.fail(key, "unknown key" + (f" (did you mean {close[0]}?)" if close else ""))
-
-    def fail(self, key: str, problem: str):
-        """Stop with ``<file>: <table> <key>: <problem>``."""
-        raise ConfigError(f"{self.fileName}: {self.title} {key}: {problem}")
-
-    def string(self, key: str, default: str) -> str:
-        """A non-empty string."""
-        value = self.data.get(key, default)
-        if not isinstance(value, str) or not value:
-            self.fail(key, f"expected a non-empty string, got {_show(value)}")
-        return value
-
-    def boolean(self, key: str, default: bool) -> bool:
-        """true or false."""
-        value = self.data.get(key, default)
-        if not isinstance(value, bool):
-            self.fail(key, f"expected true or false, got {_show(value)}")
-        return value
-
-    def integer(self, key: str, default: int, minimum: int = 1) -> int:
-        """An integer (not a bool) at least ``minimum``."""
-        value = self.data.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            wanted = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-            self.fail(key, f"expected {wanted}, got {_show(value)}")
-        return value
-
-    def seconds(self, key: str, default: float) -> float:
-        """A positive, finite number of seconds (integer or float)."""
-        value = self.data.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-            self.fail(key, f"expected a positive number of seconds, got {_show(value)}")
-        return value
-
-    def strings(self, key: str, default: list[str]) -> tuple[str, ...]:
-        """An array of strings; a bad element is named ``key[i]``."""
-        value = self.data.get(key, default)
-        if not isinstance(value, list):
-            self.fail(key, f"expected an array of strings, got {_show(value)}")
-        for index, item in enumerate(value):
-            if not isinstance(item, str):
-                self.fail(f"{key}[{index}]", f"expected a string, got {_show(item)}")
-        return tuple(value)
-
-    def path(self, key: str, default: str, base: Path) -> Path:
-        """A path string, made absolute against ``base``."""
-        return _resolve(base, self.string(key, default))
-
-    def text(self, key: str, base: Path) -> tuple[Path, str]:
-        """The path named by ``key`` and the UTF-8 text of that file."""
-        path = self.path(key, "", base)
-        try:
-            return path, path.read_bytes().decode("utf-8")
-        except FileNotFoundError:
-            self.fail(key, f"file not found: {path}")
-        except OSError as e:
-            self.fail(key, f"cannot read {path}: {e.strerror}")
-        except UnicodeDecodeError:
-            self.fail(key, f"{path}: not UTF-8 text")
 
 
 def _read(data: dict, path: Path) -> Config:
@@ -352,8 +177,8 @@ def _read(data: dict, path: Path) -> Config:
             hint = f" (did you mean [{close[0]}]?)" if close else ""
             raise ConfigError(f"{fileName}: {key}: unknown key{hint}")
 
-    def table(name: str, allowed: tuple[str, ...] | None) -> _Table:
-        return _Table(fileName, f"[{name}]", data.get(name, {}), allowed)
+    def table(name: str, allowed: tuple[str, ...] | None) -> Table:
+        return Table(fileName, f"[{name}]", data.get(name, {}), allowed)
 
     server = table("server", ("hostname", "base_dir", "spool_dir", "control_socket"))
     base = path.parent.parent
@@ -368,8 +193,8 @@ def _read(data: dict, path: Path) -> Config:
         store=_readStore(table("store", None), base),
         delivery=_readDelivery(table("delivery", tuple(DeliveryConfig.__dataclass_fields__))),
         policies=_readPolicies(fileName, data.get("policy", [])),
-        relay=_readRelay(fileName, table("relay", _RELAY_KEYS), base),
-        uucp_sites=(uucp := _readUucp(fileName, table("uucp", ("site",)))),
+        relay=read_relay(fileName, table("relay", RELAY_KEYS), base),
+        uucp_sites=(uucp := read_uucp(fileName, table("uucp", ("site",)))),
         tls=read_tls(table("tls", tuple(TLSConfig.__dataclass_fields__)), base),
         auth=read_auth(table("auth", tuple(AuthConfig.__dataclass_fields__)), base),
         submission=read_submission(table("submission", tuple(SubmissionConfig.__dataclass_fields__)), checkEndpoint),
@@ -382,12 +207,12 @@ def _read(data: dict, path: Path) -> Config:
     )
 
 
-def _readServer(t: _Table, base: Path) -> ServerConfig:
+def _readServer(t: Table, base: Path) -> ServerConfig:
     """``[server]``."""
     hostname = t.string("hostname", ServerConfig.hostname)
     checked = checkDomain(hostname)
     if checked is None:
-        t.fail("hostname", f"not a valid host name: {_show(hostname)}")
+        t.fail("hostname", f"not a valid host name: {show(hostname)}")
     return ServerConfig(
         hostname=checked,
         spool_dir=t.path("spool_dir", "var/spool", base),
@@ -395,37 +220,23 @@ def _readServer(t: _Table, base: Path) -> ServerConfig:
     )
 
 
-def checkEndpoint(description: str) -> str | None:
-    """Why ``description`` is not a Twisted server endpoint string, or None if it is one."""
-    from twisted.internet.endpoints import serverFromString
-
-    try:
-        endpoint = serverFromString(_NO_REACTOR, description)
-    except Exception as e:  # the parsers raise ValueError, TypeError, ImportError...
-        return str(e) or type(e).__name__
-    port = getattr(endpoint, "_port", None)
-    if isinstance(port, int) and not 0 <= port <= 65535:
-        return f"port {port} is out of range"
-    return None
-
-
-def _readSMTP(t: _Table) -> SMTPConfig:
+def _readSMTP(t: Table) -> SMTPConfig:
     """``[smtp]``."""
     default = SMTPConfig()
     listen = t.strings("listen", list(default.listen))
     for index, description in enumerate(listen):
         problem = checkEndpoint(description)
         if problem is not None:
-            t.fail(f"listen[{index}]", f"not a valid endpoint: {_show(description)} ({problem})")
+            t.fail(f"listen[{index}]", f"not a valid endpoint: {show(description)} ({problem})")
     networks = []
     for index, text in enumerate(t.strings("trusted_networks", [])):
         try:
             networks.append(ipaddress.ip_network(text.strip()))
         except ValueError as e:
-            t.fail(f"trusted_networks[{index}]", f"not a CIDR network: {_show(text)} ({e})")
+            t.fail(f"trusted_networks[{index}]", f"not a CIDR network: {show(text)} ({e})")
     vrfy = t.data.get("vrfy", default.vrfy)
     if vrfy not in VRFY_MODES:
-        t.fail("vrfy", f"must be one of {', '.join(VRFY_MODES)}; got {_show(vrfy)}")
+        t.fail("vrfy", f"must be one of {', '.join(VRFY_MODES)}; got {show(vrfy)}")
     return SMTPConfig(
         listen=listen,
         max_message_size=t.integer("max_message_size", default.max_message_size, minimum=0),
@@ -443,13 +254,13 @@ def _readSMTP(t: _Table) -> SMTPConfig:
     )
 
 
-def _readLocal(t: _Table, base: Path) -> LocalConfig:
+def _readLocal(t: Table, base: Path) -> LocalConfig:
     """``[local]``: domains, users, aliases, checked together."""
     domains: dict[str, None] = {}
     for index, name in enumerate(t.strings("domains", ["example.test"])):
         domain = checkDomain(name)
         if domain is None:
-            t.fail(f"domains[{index}]", f"not a valid domain name: {_show(name)}")
+            t.fail(f"domains[{index}]", f"not a valid domain name: {show(name)}")
         domains[domain] = None
     if not domains:
         t.fail("domains", "at least one local domain is needed (for postmaster, rfc5321 4.5.1)")
@@ -457,7 +268,7 @@ def _readLocal(t: _Table, base: Path) -> LocalConfig:
     users: dict[str, str] = {}
     for index, name in enumerate(t.strings("users", ["alice", "bob"])):
         if not aliasfiles.isValidName(name.lower()):
-            t.fail(f"users[{index}]", f"not a valid user name: {_show(name)}")
+            t.fail(f"users[{index}]", f"not a valid user name: {show(name)}")
         users[name.lower()] = ""
     if "users_file" in t.data:
         usersPath, text = t.text("users_file", base)
@@ -491,11 +302,11 @@ def _readLocal(t: _Table, base: Path) -> LocalConfig:
     )
 
 
-def _readAliasTable(t: _Table, domains: dict[str, None]) -> dict[str, tuple[str, ...]]:
+def _readAliasTable(t: Table, domains: dict[str, None]) -> dict[str, tuple[str, ...]]:
     """``[local] aliases``: a table of name = [member, ...]."""
     table = t.data.get("aliases", _DEFAULT_ALIASES)
     if not isinstance(table, dict):
-        t.fail("aliases", f"expected a table of name = [members], got {_show(table)}")
+        t.fail("aliases", f"expected a table of name = [members], got {show(table)}")
     aliases: dict[str, tuple[str, ...]] = {}
     for key, value in table.items():
         name = key.lower()
@@ -504,11 +315,11 @@ def _readAliasTable(t: _Table, domains: dict[str, None]) -> dict[str, tuple[str,
         if name in aliases:
             t.fail(f"aliases.{key}", f'alias "{name}" is defined twice')
         if not isinstance(value, list) or not value:
-            t.fail(f"aliases.{key}", f"expected a non-empty array of members, got {_show(value)}")
+            t.fail(f"aliases.{key}", f"expected a non-empty array of members, got {show(value)}")
         members: dict[str, None] = {}
         for index, member in enumerate(value):
             if not isinstance(member, str):
-                t.fail(f"aliases.{key}[{index}]", f"expected a string, got {_show(member)}")
+                t.fail(f"aliases.{key}[{index}]", f"expected a string, got {show(member)}")
             try:
                 members[aliasfiles.localMember(member, domains)] = None
             except ConfigError as e:
@@ -517,7 +328,7 @@ def _readAliasTable(t: _Table, domains: dict[str, None]) -> dict[str, tuple[str,
     return aliases
 
 
-def _readStore(t: _Table, base: Path) -> StoreConfig:
+def _readStore(t: Table, base: Path) -> StoreConfig:
     """``[store]``: ``type``; every other key is an option for the store plugin."""
     storeType = t.string("type", "maildir")
     options = {key: value for key, value in t.data.items() if key != "type"}
@@ -525,7 +336,7 @@ def _readStore(t: _Table, base: Path) -> StoreConfig:
     return StoreConfig(type=storeType, options=MappingProxyType(options))
 
 
-def _readDelivery(t: _Table) -> DeliveryConfig:
+def _readDelivery(t: Table) -> DeliveryConfig:
     """``[delivery]``."""
     default = DeliveryConfig()
     delivery = DeliveryConfig(
@@ -543,10 +354,10 @@ def _readDelivery(t: _Table) -> DeliveryConfig:
 def _readPolicies(fileName: str, entries: object) -> tuple[PolicyConfig, ...]:
     """``[[policy]]`` tables, in order: each needs ``name``; the rest are its options."""
     if not isinstance(entries, list):
-        raise ConfigError(f"{fileName}: [[policy]]: expected an array of tables, got {_show(entries)}")
+        raise ConfigError(f"{fileName}: [[policy]]: expected an array of tables, got {show(entries)}")
     policies = []
     for index, entry in enumerate(entries):
-        t = _Table(fileName, f"[[policy]][{index}]", entry, None)
+        t = Table(fileName, f"[[policy]][{index}]", entry, None)
         if "name" not in entry:
             t.fail("name", "missing: the policy plugin to use")
         name = t.string("name", "")
@@ -556,176 +367,3 @@ def _readPolicies(fileName: str, entries: object) -> tuple[PolicyConfig, ...]:
 
 
 # The smarthost's tls/username/password_file sit in [relay] itself.
-_RELAY_KEYS = tuple(k for k in RelayConfig.__dataclass_fields__ if k != "routes") + (
-    "route",
-    "tls",
-    "username",
-    "password_file",
-    "ca_file",
-)
-_ROUTE_KEYS = ("domain", "host", "port", "tls", "username", "password_file", "ca_file")
-
-
-def _hostPort(t: _Table, key: str, text: str, defaultPort: int) -> tuple[str, int]:
-    """``host`` or ``host:port`` (``[v6addr]:port`` for IPv6 literals)."""
-    host, port = text, defaultPort
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        if rest:
-            if not rest.startswith(":") or not rest[1:].isdigit():
-                t.fail(key, f"expected host or host:port, got {_show(text)}")
-            port = int(rest[1:])
-    elif text.count(":") == 1:
-        host, _, portText = text.partition(":")
-        if not portText.isdigit():
-            t.fail(key, f"expected host or host:port, got {_show(text)}")
-        port = int(portText)
-    if not host or not 0 < port < 65536:
-        t.fail(key, f"expected host or host:port, got {_show(text)}")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        if checkDomain(host) is None:
-            t.fail(key, f"not a valid host name: {_show(host)}")
-        host = checkDomain(host)
-    return host, port
-
-
-def _readCAFile(t: _Table, base: Path) -> Path:
-    """``ca_file``: a PEM file holding at least one certificate."""
-    path, text = t.text("ca_file", base)
-    if "-----BEGIN CERTIFICATE-----" not in text:
-        t.fail("ca_file", f"{path}: no PEM certificate in it")
-    return path
-
-
-def _readRoute(
-    t: _Table, domain: str, hostText: str, base: Path, defaultPort: int, defaultCA: Path | None = None
-) -> RouteConfig:
-    """The host, TLS and AUTH settings of one route (the smarthost or a [[relay.route]])."""
-    host, port = _hostPort(t, "host" if "host" in t.data else "smarthost", hostText, defaultPort)
-    if "port" in t.data:
-        port = t.integer("port", port)
-        if port > 65535:
-            t.fail("port", f"out of range: {port}")
-    tls = t.data.get("tls", "opportunistic")
-    if tls not in TLS_MODES:
-        t.fail("tls", f"must be one of {', '.join(TLS_MODES)}; got {_show(tls)}")
-    username = t.data.get("username", "")
-    if not isinstance(username, str):
-        t.fail("username", f"expected a string, got {_show(username)}")
-    passwordFile = None
-    if "password_file" in t.data:
-        passwordFile, _ = t.text("password_file", base)
-    if username and passwordFile is None:
-        t.fail("password_file", "needed with username (AUTH to the relay host)")
-    caFile = _readCAFile(t, base) if "ca_file" in t.data else defaultCA
-    return RouteConfig(
-        domain=domain, host=host, port=port, tls=tls, username=username, password_file=passwordFile, ca_file=caFile
-    )
-
-
-def _readRelay(fileName: str, t: _Table, base: Path) -> RelayConfig:
-    """``[relay]`` and its ``[[relay.route]]`` tables."""
-    default = RelayConfig()
-    port = t.integer("port", default.port)
-    if port > 65535:
-        t.fail("port", f"out of range: {port}")
-    if t.data.get("tls", "opportunistic") not in TLS_MODES:
-        t.fail("tls", f"must be one of {', '.join(TLS_MODES)}; got {_show(t.data['tls'])}")
-    # [relay] ca_file: the smarthost's, and every route's that names none.
-    defaultCA = _readCAFile(t, base) if "ca_file" in t.data else None
-    smarthost = None
-    text = t.data.get("smarthost", "")
-    if not isinstance(text, str):
-        t.fail("smarthost", f"expected a string, got {_show(text)}")
-    if text:
-        smarthost = _readRoute(t, "*", text, base, 25)
-    resolver = t.data.get("resolver", "")
-    if not isinstance(resolver, str):
-        t.fail("resolver", f"expected a string, got {_show(resolver)}")
-    if resolver:
-        host, rport = _hostPort(t, "resolver", resolver, 53)
-        resolver = f"{host}:{rport}"
-    helo = t.data.get("helo_name", "")
-    if helo and (not isinstance(helo, str) or checkDomain(helo) is None):
-        t.fail("helo_name", f"not a valid host name: {_show(helo)}")
-    entries = t.data.get("route", [])
-    if not isinstance(entries, list):
-        t.fail("route", f"expected [[relay.route]] tables, got {_show(entries)}")
-    routes = []
-    for index, entry in enumerate(entries):
-        rt = _Table(fileName, f"[[relay.route]][{index}]", entry, _ROUTE_KEYS)
-        domain = checkDomain(rt.string("domain", ""))
-        if domain is None:
-            rt.fail("domain", f"not a valid domain name: {_show(entry.get('domain'))}")
-        if any(r.domain == domain for r in routes):
-            rt.fail("domain", f"{domain} has two routes")
-        routes.append(_readRoute(rt, domain, rt.string("host", ""), base, 25, defaultCA))
-    seconds = {
-        key: t.seconds(key, getattr(default, key))
-        for key in RelayConfig.__dataclass_fields__
-        if key.endswith("_timeout")
-    }
-    warning = t.data.get("delay_warning_after", default.delay_warning_after)
-    if isinstance(warning, bool) or not isinstance(warning, (int, float)) or warning < 0:
-        t.fail("delay_warning_after", f"expected a number of seconds (0 = off), got {_show(warning)}")
-    return RelayConfig(
-        smarthost=smarthost,
-        routes=tuple(routes),
-        resolver=resolver,
-        port=port,
-        helo_name=helo.lower() if helo else "",
-        max_received_headers=t.integer("max_received_headers", default.max_received_headers),
-        max_messages_per_connection=t.integer("max_messages_per_connection", default.max_messages_per_connection),
-        max_connections_per_destination=t.integer(
-            "max_connections_per_destination", default.max_connections_per_destination
-        ),
-        max_connections=t.integer("max_connections", default.max_connections),
-        delay_warning_after=warning,
-        **seconds,
-    )
-
-
-_SITE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}\Z")  # a UUCP node name, safe as a hop
-
-
-def _readUucp(fileName: str, t: _Table) -> tuple[UucpSiteConfig, ...]:
-    """``[[uucp.site]]`` tables."""
-    entries = t.data.get("site", [])
-    if not isinstance(entries, list):
-        t.fail("site", f"expected [[uucp.site]] tables, got {_show(entries)}")
-    sites: list[UucpSiteConfig] = []
-    claimed: dict[str, str] = {}
-    default = UucpSiteConfig(name="", domains=())
-    for index, entry in enumerate(entries):
-        st = _Table(fileName, f"[[uucp.site]][{index}]", entry, tuple(UucpSiteConfig.__dataclass_fields__))
-        name = st.string("name", "")
-        if not _SITE_NAME.match(name):
-            st.fail("name", f"a UUCP site name is lower-case letters, digits, - and _; got {_show(name)}")
-        if any(site.name == name for site in sites):
-            st.fail("name", f"site {name} is defined twice")
-        domains = []
-        for d, text in enumerate(st.strings("domains", [])):
-            domain = checkDomain(text)
-            if domain is None:
-                st.fail(f"domains[{d}]", f"not a valid domain name: {_show(text)}")
-            if domain in claimed:
-                st.fail(f"domains[{d}]", f"{domain} already goes to site {claimed[domain]}")
-            claimed[domain] = name
-            domains.append(domain)
-        if not domains:
-            st.fail("domains", "at least one domain is needed")
-        command = st.strings("command", list(default.command))
-        if not command:
-            st.fail("command", "expected the command to run, as an array of strings")
-        sites.append(
-            UucpSiteConfig(
-                name=name,
-                domains=tuple(domains),
-                command=command,
-                max_messages=st.integer("max_messages", default.max_messages),
-                max_bytes=st.integer("max_bytes", default.max_bytes),
-            )
-        )
-    return tuple(sites)

@@ -1,6 +1,6 @@
 """The ``[pop3]`` config table: mailbox access over POP3 (``mailsvc.pop3``).
 
-``read_pop3`` takes the ``mailsvc.config._Table`` being read and returns a
+``read_pop3`` takes the ``mailsvc.configtable.Table`` being read and returns a
 frozen ``POP3Config``; ``mailsvc.config`` calls it. Every key and its
 default is documented in ``etc/mailsvc.toml``. With no key at all POP3 is
 off: both endpoint lists are empty by default (``make run``'s config turns

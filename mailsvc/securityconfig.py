@@ -1,6 +1,6 @@
 """The ``[tls]``, ``[auth]`` and ``[submission]`` config tables (see ``mailsvc.config``).
 
-Each ``read_*`` takes the ``mailsvc.config._Table`` being read (typed getters
+Each ``read_*`` takes the ``mailsvc.configtable.Table`` being read (typed getters
 that fail naming the key) and returns a frozen value; ``mailsvc.config``
 calls them. Every key and its default is documented in ``etc/mailsvc.toml``.
 """
@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from mailsvc.configtable import show
 from mailsvc.smtp.sasl import MECHANISMS
 
 TLS_MIN_VERSIONS = ("1.2", "1.3")
@@ -51,19 +52,11 @@ class SubmissionConfig:
     add_missing_headers: bool = True
 
 
-def _show(value: object) -> str:
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return repr(value) if isinstance(value, (int, float)) else f"a {type(value).__name__}"
-
-
 def read_tls(t, base: Path) -> TLSConfig:
     """``[tls]``."""
     version = t.data.get("min_version", TLSConfig.min_version)
     if version not in TLS_MIN_VERSIONS:
-        t.fail("min_version", f'must be "1.2" or "1.3"; got {_show(version)}')
+        t.fail("min_version", f'must be "1.2" or "1.3"; got {show(version)}')
     return TLSConfig(
         cert_file=t.path("cert_file", str(TLSConfig.cert_file), base),
         key_file=t.path("key_file", str(TLSConfig.key_file), base),
@@ -79,7 +72,7 @@ def read_auth(t, base: Path) -> AuthConfig:
     for index, name in enumerate(t.strings("mechanisms", list(default.mechanisms))):
         upper = name.upper()
         if upper not in MECHANISMS:
-            t.fail(f"mechanisms[{index}]", f"unknown mechanism {_show(name)} (known: {', '.join(MECHANISMS)})")
+            t.fail(f"mechanisms[{index}]", f"unknown mechanism {show(name)} (known: {', '.join(MECHANISMS)})")
         if upper not in mechanisms:
             mechanisms.append(upper)
     secrets = None
@@ -103,7 +96,7 @@ def read_auth(t, base: Path) -> AuthConfig:
 def _non_negative(t, key: str, default: float) -> float:
     value = t.data.get(key, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
-        t.fail(key, f"expected a number of seconds >= 0, got {_show(value)}")
+        t.fail(key, f"expected a number of seconds >= 0, got {show(value)}")
     return value
 
 
@@ -115,10 +108,10 @@ def read_submission(t, check_endpoint: Callable[[str], str | None]) -> Submissio
         values = t.strings(key, list(getattr(default, key)))
         for index, description in enumerate(values):
             if key == "listen_implicit_tls" and description.split(":", 1)[0] in ("ssl", "tls"):
-                t.fail(f"{key}[{index}]", f"give a plain endpoint such as tcp:465; TLS is added from [tls] ({_show(description)})")
+                t.fail(f"{key}[{index}]", f"give a plain endpoint such as tcp:465; TLS is added from [tls] ({show(description)})")
             problem = check_endpoint(description)
             if problem is not None:
-                t.fail(f"{key}[{index}]", f"not a valid endpoint: {_show(description)} ({problem})")
+                t.fail(f"{key}[{index}]", f"not a valid endpoint: {show(description)} ({problem})")
         endpoints[key] = values
     return SubmissionConfig(
         listen=endpoints["listen"],

@@ -17,6 +17,8 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from mailsvc.configtable import Table, show
+
 _SITE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}\Z")  # safe as a spool hop
 
 
@@ -52,25 +54,24 @@ def read_hold(table, check_domain: Callable, claimed: Mapping[str, str]) -> tupl
     """``[[hold.site]]`` tables. ``table`` is the ``[hold]`` table reader of
     ``mailsvc.config``; ``claimed`` maps domains already given elsewhere
     (local, UUCP sites) to who has them."""
-    from mailsvc.config import _Table, _show
 
     entries = table.data.get("site", [])
     if not isinstance(entries, list):
-        table.fail("site", f"expected [[hold.site]] tables, got {_show(entries)}")
+        table.fail("site", f"expected [[hold.site]] tables, got {show(entries)}")
     sites: list[HoldSiteConfig] = []
     taken = dict(claimed)
     for index, entry in enumerate(entries):
-        st = _Table(table.fileName, f"[[hold.site]][{index}]", entry, tuple(HoldSiteConfig.__dataclass_fields__))
+        st = Table(table.fileName, f"[[hold.site]][{index}]", entry, tuple(HoldSiteConfig.__dataclass_fields__))
         name = st.string("name", "")
         if not _SITE_NAME.match(name):
-            st.fail("name", f"a site name is lower-case letters, digits, - and _; got {_show(name)}")
+            st.fail("name", f"a site name is lower-case letters, digits, - and _; got {show(name)}")
         if any(site.name == name for site in sites):
             st.fail("name", f"site {name} is defined twice")
         domains = []
         for d, text in enumerate(st.strings("domains", [])):
             domain = check_domain(text)
             if domain is None:
-                st.fail(f"domains[{d}]", f"not a valid domain name: {_show(text)}")
+                st.fail(f"domains[{d}]", f"not a valid domain name: {show(text)}")
             if domain in taken:
                 st.fail(f"domains[{d}]", f"{domain} already goes to {taken[domain]}")
             taken[domain] = f"hold site {name}"
@@ -81,7 +82,7 @@ def read_hold(table, check_domain: Callable, claimed: Mapping[str, str]) -> tupl
         for u, text in enumerate(st.strings("users", [])):
             user = text.strip().lower()
             if not user or any(c.isspace() for c in user):
-                st.fail(f"users[{u}]", f"not a login name: {_show(text)}")
+                st.fail(f"users[{u}]", f"not a login name: {show(text)}")
             users.append(user)
         if not users:
             st.fail("users", "at least one AUTH user who owns these domains is needed (TURN and ATRN need AUTH)")
@@ -91,14 +92,13 @@ def read_hold(table, check_domain: Callable, claimed: Mapping[str, str]) -> tupl
 
 def read_atrn(table, check_endpoint: Callable) -> ATRNConfig:
     """``[atrn]``."""
-    from mailsvc.config import _show
 
     default = ATRNConfig()
     listen = table.strings("listen", list(default.listen))
     for index, description in enumerate(listen):
         problem = check_endpoint(description)
         if problem is not None:
-            table.fail(f"listen[{index}]", f"not a valid endpoint: {_show(description)} ({problem})")
+            table.fail(f"listen[{index}]", f"not a valid endpoint: {show(description)} ({problem})")
     return ATRNConfig(
         listen=listen,
         challenge_auth_without_tls=table.boolean("challenge_auth_without_tls", default.challenge_auth_without_tls),

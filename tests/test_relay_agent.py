@@ -22,7 +22,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from mailsvc.clientprotocol import CHUNK_SIZE, SMTPClientProtocol, SMTPSessionError
-from mailsvc.config import RelayConfig, RouteConfig
+from mailsvc.relayconfig import RelayConfig, RouteConfig
 from mailsvc.delivery.bounce import outcome_of
 from mailsvc.delivery.downgrade import downgrade_bytes
 from mailsvc.delivery.mx import Host, MXResult

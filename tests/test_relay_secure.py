@@ -28,7 +28,7 @@ from twisted.trial.unittest import TestCase
 
 from mailsvc import auth as authmod
 from mailsvc import config as configuration
-from mailsvc.config import RelayConfig, RouteConfig
+from mailsvc.relayconfig import RelayConfig, RouteConfig
 from mailsvc.delivery.relay import RelayAgent
 from mailsvc.envelope import Delivered, Envelope, Recipient
 from mailsvc.errors import ConfigError, PermanentDeliveryError, TemporaryDeliveryError

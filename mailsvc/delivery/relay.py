@@ -158,7 +158,7 @@ def endpoint_connector(reactor) -> Callable:
 class RelayAgent:
     """Delivers to other mail servers over SMTP. See the module docstring.
 
-    :param relay_config: the ``mailsvc.config.RelayConfig``.
+    :param relay_config: the ``mailsvc.relayconfig.RelayConfig``.
     :param mx_resolver: a ``mailsvc.delivery.mx.MXResolver``.
     :param connector: ``connector(host, port, factory)`` returns a Deferred
         firing with the connected protocol built by ``factory`` (a Twisted

@@ -206,7 +206,7 @@ class _BatchProcess(ProcessProtocol):
 class UucpAgent:
     """Delivers the mail of one UUCP site as BSMTP batches through its command.
 
-    :param site: the ``mailsvc.config.UucpSiteConfig``.
+    :param site: the ``mailsvc.relayconfig.UucpSiteConfig``.
     :param spool: the ``ISpool`` messages are read from.
     :param reactor: provides ``IReactorProcess`` and ``IReactorTime``.
     :param timeout: seconds a command may run before it is killed.
