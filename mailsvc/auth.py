@@ -195,6 +195,20 @@ class Authenticator:
         return name
 
 
+def credentials_for(authenticator, step) -> tuple[str, str, object]:
+    """What a finished SASL exchange (``mailsvc.smtp.sasl``) proves:
+    ``(user name, authorization id, twisted.cred credentials)`` for the
+    portal. SMTP AUTH (rfc4954) and POP3 AUTH (rfc5034) share it."""
+    if isinstance(step, sasl.PasswordCredentials):
+        name = authenticator.user_name(step.authcid)
+        return name, step.authzid, UsernamePassword(name, step.password)
+    if isinstance(step, sasl.CramMD5Credentials):
+        name = authenticator.user_name(step.username)
+        return name, "", CramMD5Answer(name, step)
+    name = authenticator.user_name(step.username)
+    return name, step.authzid, SASLVerified(name, step.verified)
+
+
 class AuthSession:
     """Answers one connection's ``Auth``, ``AuthResponse`` and ``AuthCancelled`` events.
 
@@ -276,15 +290,7 @@ class AuthSession:
     def _login(self, step):
         self.exchange = None
         authenticator = self.authenticator
-        if isinstance(step, sasl.PasswordCredentials):
-            name, authzid = authenticator.user_name(step.authcid), step.authzid
-            credentials = UsernamePassword(name, step.password)
-        elif isinstance(step, sasl.CramMD5Credentials):
-            name, authzid = authenticator.user_name(step.username), ""
-            credentials = CramMD5Answer(name, step)
-        else:
-            name, authzid = authenticator.user_name(step.username), step.authzid
-            credentials = SASLVerified(name, step.verified)
+        name, authzid, credentials = credentials_for(authenticator, step)
         if authzid and authenticator.user_name(authzid) != name:
             return self._failed(f"user {name} asked to act as {authzid}")
         d = authenticator.portal.login(credentials, None, IMailUser)

@@ -14,7 +14,7 @@ from twisted.logger import Logger
 from twisted.mail import pop3
 from twisted.protocols import basic
 
-from mailsvc.auth import CramMD5Answer, SASLVerified
+from mailsvc.auth import credentials_for
 from mailsvc.smtp import sasl
 from mailsvc.store.access import MailboxLocked
 from mailsvc.pop3.encoding import MessageEncoder, _EncodedReader
@@ -369,15 +369,7 @@ class POP3Server(pop3.POP3):
             self._longOperation(d)
             return
         self._exchange = None
-        if isinstance(step, sasl.PasswordCredentials):
-            name, authzid = authenticator.user_name(step.authcid), step.authzid
-            credentials = UsernamePassword(name, step.password)
-        elif isinstance(step, sasl.CramMD5Credentials):
-            name, authzid = authenticator.user_name(step.username), ""
-            credentials = CramMD5Answer(name, step)
-        else:
-            name, authzid = authenticator.user_name(step.username), step.authzid
-            credentials = SASLVerified(name, step.verified)
+        name, authzid, credentials = credentials_for(authenticator, step)
         if authzid and authenticator.user_name(authzid) != name:
             self._longOperation(defer.maybeDeferred(self._failed, f"user {name} asked to act as {authzid}"))
             return
