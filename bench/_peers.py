@@ -280,21 +280,40 @@ class Mailsvc(_PopenTarget):
 
     name = "mailsvc"
 
+    def __init__(self, name: str = "mailsvc", source: Path | None = None,
+                 max_connections: int = 200, smtp_extra: dict[str, str] | None = None,
+                 backlog: int | None = None) -> None:
+        # source: another mailsvc source tree (with mailsvc/ and twisted/plugins/)
+        # run with the project venv, e.g. a "before" snapshot made with
+        # ``git archive HEAD mailsvc twisted | tar -x -C DIR``.
+        self.name = name
+        self.source = Path(source).resolve() if source is not None else None
+        self.max_connections = max_connections
+        # More [smtp] keys (TOML values as text). The whole load comes from
+        # 127.0.0.1: no per-client cap (Postfix's is off here too), else a new
+        # connection may be refused while the server still counts a closed one.
+        self.smtp_extra = {"max_connections_per_client": "0", **(smtp_extra or {})}
+        self.backlog = backlog  # the listening socket's backlog (Twisted's default: 50)
+
     def prepare(self) -> None:
         twistd = MAIN_VENV / "bin" / "twistd"
         if not twistd.exists():
             raise TargetError(f"{twistd} not found (make the project venv first)")
+        if self.source is not None and not (self.source / "mailsvc" / "tap.py").exists():
+            raise TargetError(f"{self.source} is not a mailsvc source tree")
 
     def start(self, workdir: Path, port: int) -> None:
         q = json.dumps  # a JSON string is a valid TOML basic string here
+        backlog = f":backlog={self.backlog}" if self.backlog else ""
         config = workdir / "mailsvc.toml"
         config.write_text(
             "[server]\n"
             f"hostname = {q('mailsvc.' + DOMAIN)}\n"
             f"spool_dir = {q(str(workdir / 'spool'))}\n"
             "\n[smtp]\n"
-            f"listen = [{q(f'tcp:{port}:interface=127.0.0.1')}]\n"
-            "max_connections = 200\n"
+            f"listen = [{q(f'tcp:{port}:interface=127.0.0.1' + backlog)}]\n"
+            f"max_connections = {self.max_connections}\n"
+            + "".join(f"{k} = {v}\n" for k, v in self.smtp_extra.items()) +
             "\n[local]\n"
             f"domains = [{q(DOMAIN)}]\n"
             f"users = [{q(USER)}]\n"
@@ -305,6 +324,8 @@ class Mailsvc(_PopenTarget):
         argv = [str(MAIN_VENV / "bin" / "twistd"), "-n", "--pidfile=", "mailsvc",
                 "--config", str(config)]
         env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+        if self.source is not None:
+            env["PYTHONPATH"] = str(self.source)  # before the project on sys.path
         self._spawn(argv, workdir, port, env)
 
 
@@ -338,6 +359,26 @@ class Aiosmtpd(_PopenTarget):
         argv = [str(PEER_VENV / "bin" / "python"), "-m", "aiosmtpd", "-n",
                 "-l", f"127.0.0.1:{port}", "-c", "aiosmtpd.handlers.Mailbox", str(maildir)]
         self._spawn(argv, workdir, port)
+
+
+class TwistedMail(_PopenTarget):
+    """``twisted.mail.smtp.ESMTP`` with a ``mailbox.Maildir`` handler (no queue,
+    no fsync): ``bench/peer_twisted_mail.py``, run with the project venv."""
+
+    name = "twisted"
+
+    def prepare(self) -> None:
+        python = MAIN_VENV / "bin" / "python"
+        check = [str(python), "-c", "import twisted.mail.smtp"]
+        if not python.exists() or subprocess.run(check, capture_output=True).returncode != 0:
+            raise TargetError(f"{python} cannot import twisted.mail.smtp")
+
+    def start(self, workdir: Path, port: int) -> None:
+        maildir = workdir / "mail" / USER
+        maildir.parent.mkdir(parents=True, exist_ok=True)
+        argv = [str(MAIN_VENV / "bin" / "python"), str(BENCH_DIR / "peer_twisted_mail.py"),
+                str(port), str(maildir)]
+        self._spawn(argv, workdir, port, dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
 
 
 class Postfix(Target):
@@ -503,7 +544,7 @@ scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
 """
 
-TARGETS = {t.name: t for t in (Mailsvc, Aiosmtpd, Postfix)}
+TARGETS = {t.name: t for t in (Mailsvc, Aiosmtpd, TwistedMail, Postfix)}
 
 
 def remove_tree(path: Path) -> None:

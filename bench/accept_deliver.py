@@ -14,6 +14,9 @@ messages are there. Targets:
 * ``aiosmtpd`` -- ``python -m aiosmtpd -c aiosmtpd.handlers.Mailbox``: a
   stock aiosmtpd with Python's ``mailbox.Maildir`` (no spool, no fsync),
   installed by the bench into ``bench/.venv-peers``.
+* ``twisted``  -- ``twisted.mail.smtp.ESMTP`` with a ``mailbox.Maildir``
+  handler (``bench/peer_twisted_mail.py``, from the project venv; no queue,
+  no fsync).
 * ``postfix``  -- a private Postfix instance (own config and queue dir,
   virtual(8) Maildir delivery, Postfix defaults otherwise: fsync, in_flow_delay).
 
@@ -201,8 +204,11 @@ def run_round(target, rnd: int, args, base: Path, prepared: dict) -> dict:
         if source is not None:
             source.kill()
         target.stop()
-        if not args.keep:
-            _peers.remove_tree(workdir)
+        # The round's files stay until the whole run ends (main removes the
+        # base dir): deleting thousands of files slows the creation of new
+        # ones for minutes on ext4 without a journal (the kernel skips every
+        # recently freed inode of a block group), which would handicap
+        # whichever target runs next.
     return row
 
 
@@ -272,6 +278,9 @@ def parse_args(argv=None):
                    help="seconds one round may take before it is stopped (120)")
     p.add_argument("--targets", default=",".join(_peers.TARGETS),
                    help="comma-separated, from: " + ", ".join(_peers.TARGETS))
+    p.add_argument("--baseline", action="append", default=[], metavar="[NAME=]DIR",
+                   help="also run the mailsvc source tree in DIR as target NAME (default "
+                        "mailsvc-base): a before/after comparison in one sitting; repeatable")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--keep", action="store_true", help="keep the temp dirs (logs, mail)")
     args = p.parse_args(argv)
@@ -284,6 +293,15 @@ def parse_args(argv=None):
     unknown = [t for t in names if t not in _peers.TARGETS]
     if unknown or not names:
         p.error(f"unknown target(s) {unknown}; choose from {', '.join(_peers.TARGETS)}")
+    args.sources = {}
+    for i, spec in enumerate(args.baseline):
+        name, sep, where = spec.rpartition("=")
+        name = name if sep else ("mailsvc-base" if i == 0 else f"mailsvc-base{i + 1}")
+        if name in names or name in args.sources or name in _peers.TARGETS:
+            p.error(f"--baseline: target name {name!r} is taken")
+        args.sources[name] = Path(where)
+    at = names.index("mailsvc") + 1 if "mailsvc" in names else 0
+    names[at:at] = list(args.sources)
     args.names = names
     return args
 
@@ -305,7 +323,8 @@ def main(argv=None) -> int:
     if not os.path.exists(SMTP_SOURCE):
         print(f"error: {SMTP_SOURCE} not found (apt-get install postfix)", file=sys.stderr)
         return 2
-    targets = [_peers.TARGETS[n]() for n in args.names]
+    targets = [_peers.Mailsvc(name=n, source=args.sources[n]) if n in args.sources
+               else _peers.TARGETS[n]() for n in args.names]
     prepared: dict[str, str | None] = {}
     for t in targets:
         try:

@@ -28,8 +28,11 @@ DATA = b"Subject: queued for a while\r\nFrom: carol@example.test\r\n\r\nbody\r\n
 
 
 def files_in(root: Path) -> list[str]:
-    """Every file under ``root``, relative to it."""
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    """Every file under ``root``, relative to it, but spent files kept for
+    reuse (``spent/``, mailsvc.spool.recycle): they are no message's."""
+    return sorted(
+        str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.relative_to(root).parts[0] != "spent"
+    )
 
 
 def commit(spool_dir, routes, data=DATA, sender="carol@example.test"):

@@ -34,8 +34,11 @@ ENVELOPE = Envelope(sender="alice@example.test", recipients=(), received_at=T0)
 
 
 def files_in(root: Path) -> list[str]:
-    """Every file under ``root``, relative to it."""
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    """Every file under ``root``, relative to it, but spent files kept for
+    reuse (``spent/``, mailsvc.spool.recycle): they are no message's."""
+    return sorted(
+        str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.relative_to(root).parts[0] != "spent"
+    )
 
 
 def commit(spool, routes=None, data=b"Subject: x\r\n\r\nbody\r\n"):

@@ -36,8 +36,11 @@ def fired(d):
 
 
 def files_in(root: Path) -> list[str]:
-    """Every file under ``root``, relative to it."""
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    """Every file under ``root``, relative to it, but spent files kept for
+    reuse (``spent/``, mailsvc.spool.recycle): they are no message's."""
+    return sorted(
+        str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.relative_to(root).parts[0] != "spent"
+    )
 
 
 def lines_of(data: bytes, dot_ends: bool = True) -> list[bytes]:

@@ -34,8 +34,11 @@ DATA = b"Subject: hello\r\n\r\nline one\r\n.dot\r\nbare\rcr and bare\nlf \x00\xf
 
 
 def files_in(root):
-    """Every file under ``root``, as paths relative to it."""
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    """Every file under ``root``, as paths relative to it, but those in
+    ``spent/``: removed files kept for reuse, no message's any more."""
+    return sorted(
+        str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.relative_to(root).parts[0] != "spent"
+    )
 
 
 def queue(spool, data=DATA, routes=None, envelope=ENVELOPE):

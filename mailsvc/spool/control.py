@@ -27,6 +27,7 @@ detectable.
 from __future__ import annotations
 
 import math
+import re
 
 from mailsvc.envelope import Envelope, QueuedMessage, Recipient, RecipientState
 
@@ -37,6 +38,9 @@ _HEX = "0123456789ABCDEF"
 # plus space and "=" in a line value; a key=value field escapes those two.
 _LITERAL_IN_FIELD = frozenset(chr(c) for c in range(0x21, 0x7F)) - {"+", "="}
 _LITERAL_IN_LINE = _LITERAL_IN_FIELD | {" ", "="}
+# Anything ``escape`` would change; most values have none (one search, not a loop).
+_ESCAPED_IN_FIELD = re.compile(r"[^\x21-\x7e]|[+=]")
+_ESCAPED_IN_LINE = re.compile(r"[^\x20-\x7e]|\+")
 _RECIPIENT_KEYS = ("state", "attempts", "next", "address", "original", "mailbox", "error")
 _OPTIONAL_RECIPIENT_KEYS = ("notify", "warned")  # written only when set; older files lack them
 
@@ -46,6 +50,8 @@ def escape(value: str, *, in_field: bool = False) -> str:
 
     ``in_field`` also escapes space and ``=``, for ``key=value`` fields.
     """
+    if not (_ESCAPED_IN_FIELD if in_field else _ESCAPED_IN_LINE).search(value):
+        return value
     out = []
     for char in value:
         if char in (_LITERAL_IN_FIELD if in_field else _LITERAL_IN_LINE):

@@ -8,6 +8,7 @@ Layout under the spool directory::
     <hop>/C.<id>.tmp    a control file being written
     <hop>/H.<id>        the control file of a message on hold: kept, not delivered
     corrupt/<hop>.C.<id>  control files recovery could not use, kept for a person
+    spent/S.*           removed files kept for reuse (mailsvc.spool.recycle)
 
 A message routed to several hops has one data file hard-linked into each hop
 directory and one control file per hop, holding that hop's recipients.
@@ -22,6 +23,22 @@ rfc5321 6.1: once the server says 250 after the data, it has taken
 responsibility for the message, so ``commit`` returns only when data,
 control and directory entries are fsync'd; a crash at any moment leaves the
 message either committed whole or not at all (``recover`` sweeps the rest).
+
+Group commit: each commit fsyncs its own data and control files, but the
+fsyncs of the hop directories are shared by the commits in flight at the
+same moment (``mailsvc.spool.groupsync``): a commit waits for a directory
+fsync begun after its renames, and one such fsync serves every commit
+waiting then. ``update`` shares them too.
+
+``remove`` (every recipient done) does not fsync the directory: a crash
+soon after may bring the message back, and it is delivered again. That is
+at-least-once delivery, as DESIGN rule 1 allows and as Postfix does; the
+next directory fsync of that hop (any commit) makes the removal durable
+anyway. ``delete`` (a person's decision) does fsync.
+
+Removed files are not deleted but kept in ``spent/`` and reused for new
+data and control files (``mailsvc.spool.recycle``): no file is created or
+deleted per message once the spool is warm.
 
 Everything here is blocking; callers choose the thread. One process owns a
 spool directory.
@@ -47,10 +64,12 @@ from mailsvc.envelope import Envelope, QueuedMessage, Recipient
 from mailsvc.errors import SpoolError
 from mailsvc.interfaces import IMessageWriter, ISpool
 from mailsvc.spool import control
+from mailsvc.spool.groupsync import DirectorySyncer
+from mailsvc.spool.recycle import LIMIT, SpentFiles
 
 _HOP_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 _ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_RESERVED = frozenset({"tmp", "corrupt"})
+_RESERVED = frozenset({"tmp", "corrupt", "spent"})
 _FULL = frozenset(code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if code)
 _BUFFER = 64 * 1024
 
@@ -87,7 +106,7 @@ def check_hop(hop: str) -> str:
     """Return ``hop`` if it is safe as a directory name; raise ValueError if not.
 
     A hop name is 1-200 of letters, digits, ``.``, ``_`` and ``-``, starting
-    with a letter or digit, and is not ``tmp`` or ``corrupt``.
+    with a letter or digit, and is not ``tmp``, ``corrupt`` or ``spent``.
     """
     if not isinstance(hop, str) or not _HOP_RE.fullmatch(hop) or hop.lower() in _RESERVED:
         raise ValueError(f"not a usable hop name: {hop!r}")
@@ -115,16 +134,27 @@ def _fsync_dir(path: pathlib.Path) -> None:
         os.close(fd)
 
 
-def _write_file(path: pathlib.Path, data: bytes) -> None:
-    """Write ``data`` to a new file at ``path`` and fsync it."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+def _write_file(
+    path: pathlib.Path,
+    data: bytes,
+    fsync: Callable[[int], None] | None = None,
+    spent: SpentFiles | None = None,
+) -> bool:
+    """Write ``data`` to a new file at ``path`` and fsync it. The file is a
+    spent one from ``spent`` when there is one: then return True."""
+    recycled = spent is not None and spent.take(path)
+    flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_NOFOLLOW if recycled else os.O_CREAT | os.O_TRUNC)
+    fd = os.open(path, flags, 0o600)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
-        os.fsync(fd)
+        if recycled:
+            os.ftruncate(fd, len(data))  # nothing of the old content stays
+        (fsync or os.fsync)(fd)
     finally:
         os.close(fd)
+    return recycled
 
 
 def _unlink_quietly(path: pathlib.Path) -> None:
@@ -173,9 +203,19 @@ class SpoolWriter:
         self.id = id
         self.size = 0
         self._spool = spool
-        self._path = spool.directory / "tmp" / f"{id}.D"
+        self._path = f"{spool._tmp}/{id}.D"  # paths as text: cheaper than pathlib here
         self._done = False
-        fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        # A spent file when there is one (ids are unique in this process,
+        # so the rename replaces nothing); it is cut to size at commit.
+        self._recycled = spool._spent.take(self._path)
+        if self._recycled:
+            try:
+                fd = os.open(self._path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except OSError:
+                _unlink_quietly(self._path)
+                raise
+        else:
+            fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self._file = open(fd, "wb", buffering=_BUFFER)
 
     def write(self, data: bytes) -> None:
@@ -208,11 +248,13 @@ class SpoolWriter:
             QueuedMessage(hop=hop, id=self.id, envelope=envelope.evolve(recipients=rcpts))
             for hop, rcpts in hops
         ]
-        written: list[pathlib.Path] = []  # removed in reverse order on failure
+        written: list[str] = []  # removed in reverse order on failure
         try:
             self._commit(messages, written)
         except OSError as e:
             self._undo(written)
+            if e.errno == errno.ENOENT:
+                self._spool._hops.clear()  # a hop directory removed behind our back?
             raise _spool_error(f"cannot commit message {self.id}", e) from e
         except BaseException:
             self._undo(written)
@@ -222,43 +264,49 @@ class SpoolWriter:
             self._spool._active.discard(self.id)
         return messages
 
-    def _commit(self, messages: list[QueuedMessage], written: list[pathlib.Path]) -> None:
+    def _commit(self, messages: list[QueuedMessage], written: list[str]) -> None:
         spool = self._spool
         self._file.flush()
-        os.fsync(self._file.fileno())
+        if self._recycled:
+            os.ftruncate(self._file.fileno(), self.size)  # nothing of the old content stays
+        (spool._fsync or os.fsync)(self._file.fileno())
         self._file.close()
-        dirs = [spool._hop_dir(m.hop, create=True) for m in messages]
+        dirs = [spool._hop_path(m.hop, create=True) for m in messages]
         controls = []
+        recycled = self._recycled
         for message, hop_dir in zip(messages, dirs):
-            temp = hop_dir / f"C.{self.id}.tmp"
+            temp = f"{hop_dir}/C.{self.id}.tmp"
             written.append(temp)
-            _write_file(temp, control.dump(message))
-            controls.append((temp, hop_dir / f"C.{self.id}"))
-        first = dirs[0] / f"D.{self.id}"
+            recycled |= _write_file(temp, control.dump(message), spool._fsync, spool._spent)
+            controls.append((temp, f"{hop_dir}/C.{self.id}"))
+        first = f"{dirs[0]}/D.{self.id}"
         written.append(first)
         os.rename(self._path, first)
         for hop_dir in dirs[1:]:
-            written.append(hop_dir / f"D.{self.id}")
+            written.append(f"{hop_dir}/D.{self.id}")
             os.link(first, written[-1])
         # The data's directory entries are durable before any C. appears:
-        # a C. is the commit point and must never name missing data.
-        _fsync_dir(spool.directory / "tmp")
-        for hop_dir in dirs:
-            _fsync_dir(hop_dir)
+        # a C. is the commit point and must never name missing data. So are
+        # the data's departure from tmp/ and, for reused files, from spent/:
+        # no old name of a committed file may come back after a crash
+        # (recover() would delete it, a reuse would overwrite it).
+        stage = [*dirs, spool._tmp]
+        if recycled:
+            stage.append(spool._spent.directory)
+        spool._syncer.sync(stage)
         for temp, final in controls:
             written.append(final)
             os.rename(temp, final)
-        for hop_dir in dirs:
-            _fsync_dir(hop_dir)
+        spool._syncer.sync(dirs)  # the commit point is durable: 250 may be said
 
-    def _undo(self, written: list[pathlib.Path]) -> None:
+    def _undo(self, written: list[str]) -> None:
         try:
             self._file.close()
         except OSError:
             pass
         for path in [*reversed(written), self._path]:
             _unlink_quietly(path)
-        for path in {p.parent for p in written} | {self._path.parent}:
+        for path in {os.path.dirname(p) for p in [*written, self._path]}:
             try:
                 _fsync_dir(path)
             except OSError:
@@ -274,7 +322,7 @@ class SpoolWriter:
             self._file.close()
         except OSError:
             pass
-        _unlink_quietly(self._path)
+        self._spool._discard(self._path)
 
 
 # ---------------------------------------------------------------- spool
@@ -288,12 +336,27 @@ class FileSpool:
     control files); by default they go to the stdlib logger of this module.
     """
 
-    def __init__(self, directory: pathlib.Path, log: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        directory: pathlib.Path,
+        log: Callable[[str], None] | None = None,
+        *,
+        fsync: Callable[[int], None] | None = None,
+        recycle: int = LIMIT,
+    ) -> None:
         self.directory = pathlib.Path(directory)
         self._log = log or logging.getLogger(__name__).warning
+        # fsync(fd) for files and directories; None: os.fsync, looked up at
+        # each call. Tests pass an instrumented one.
+        self._fsync = fsync
+        self._syncer = DirectorySyncer(fsync)  # group commit of directory fsyncs
+        self._tmp = os.fspath(self.directory / "tmp")
+        self._hops: dict[str, str] = {}  # hop -> its directory, known to exist
         self._active: set[str] = set()  # ids being written or committed
         self._renaming = threading.RLock()  # C./H. renames: update, hold, release, delete
         (self.directory / "tmp").mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Removed files kept for reuse, at most ``recycle`` (0: none).
+        self._spent = SpentFiles(self.directory / "spent", recycle)
 
     # -------------------------------------------------------- receiving
 
@@ -325,6 +388,7 @@ class FileSpool:
         # makes its C. visible before it leaves _active, so "not active, then
         # no C." really is a data file without a commit point.
         active = self._active
+        self._spent.load()  # before any reuse: drops files a crash left with two names
         touched: set[pathlib.Path] = set()
         temp_dir = self.directory / "tmp"
         for entry in os.scandir(temp_dir):
@@ -387,7 +451,7 @@ class FileSpool:
 
         :raise OSError: the data file cannot be opened.
         """
-        path = self._hop_dir(message.hop) / f"D.{_check_id(message.id)}"
+        path = f"{self._hop_path(message.hop)}/D.{_check_id(message.id)}"
         headers = message.envelope.prepend_headers
         head = ("\r\n".join(headers) + "\r\n").encode("utf-8", "surrogateescape") if headers else b""
         data = open(path, "rb", buffering=0)
@@ -409,28 +473,38 @@ class FileSpool:
                 raise SpoolError(f"{message.hop}/C.{message.id} is not in the spool")
             self._active.add(message.id)  # recover() leaves the temp file alone
             try:
-                _write_file(temp, control.dump(message))
+                recycled = _write_file(temp, control.dump(message), self._fsync, self._spent)
                 os.rename(temp, final)
-                _fsync_dir(hop_dir)
             except OSError as e:
                 _unlink_quietly(temp)
                 raise _spool_error(f"cannot update {message.hop}/C.{message.id}", e) from e
             finally:
                 self._active.discard(message.id)
+        try:  # shared with the commits and updates in flight (group commit)
+            self._syncer.sync([hop_dir, self._spent.directory] if recycled else [hop_dir])
+        except OSError as e:
+            raise _spool_error(f"cannot update {message.hop}/C.{message.id}", e) from e
 
     def remove(self, message: QueuedMessage) -> None:
         """Remove ``message``: its control file first (``C.``, or ``H.`` if it
-        was put on hold meanwhile), then its data."""
-        hop_dir = self._hop_dir(message.hop)
+        was put on hold meanwhile), then its data.
+
+        The directory is not fsync'd (see the module docstring): after a
+        crash the message may be back, and is delivered again (at least
+        once, never lost).
+        """
+        hop_dir = self._hop_path(message.hop)
         id = _check_id(message.id)
         try:
             with self._renaming:
-                for name in (f"C.{id}", f"H.{id}", f"D.{id}"):
-                    try:
-                        os.unlink(hop_dir / name)
-                    except FileNotFoundError:
-                        pass
-            _fsync_dir(hop_dir)
+                for names in ((f"C.{id}", f"H.{id}"), (f"D.{id}",)):
+                    for name in names:
+                        try:
+                            # control files have one name and are small: no look needed
+                            self._discard(f"{hop_dir}/{name}", check=name[0] == "D")
+                            break
+                        except FileNotFoundError:
+                            pass
         except OSError as e:
             raise _spool_error(f"cannot remove {message.hop}/{id}", e) from e
 
@@ -501,6 +575,10 @@ class FileSpool:
             if not self._has_control(hop_dir, id):
                 raise SpoolError(f"{hop}/{id} is not in the spool")
             self.remove(QueuedMessage(hop=hop, id=id, envelope=Envelope(sender="", recipients=())))
+        try:  # unlike a removal after delivery, a deletion is made durable
+            self._syncer.sync([hop_dir])
+        except OSError as e:
+            raise _spool_error(f"cannot delete {hop}/{id}", e) from e
 
     def _rename_control(self, hop: str, id: str, old: str, new: str, action: str) -> None:
         hop_dir = self._hop_dir(hop)
@@ -516,6 +594,25 @@ class FileSpool:
                 raise _spool_error(f"cannot {action} {hop}/{id}", e) from e
 
     # -------------------------------------------------------- helpers
+
+    def _discard(self, path: str | pathlib.Path, check: bool = True) -> None:
+        """Keep a file no longer needed for reuse, or delete it.
+
+        A data file still linked into another hop is deleted (the other hop
+        keeps the data). ``check=False``: ``path`` is known to be a small
+        file with no other name. :raise FileNotFoundError: there is no ``path``.
+        """
+        if not self._spent.keep(path, check):
+            os.unlink(path)
+
+    def _hop_path(self, hop: str, create: bool = False) -> str:
+        """The directory of ``hop`` as text, made if ``create`` (remembered once made)."""
+        path = self._hops.get(hop)
+        if path is None:
+            path = os.fspath(self._hop_dir(hop, create))
+            if create:
+                self._hops[hop] = path
+        return path
 
     def _hop_dir(self, hop: str, create: bool = False) -> pathlib.Path:
         path = self.directory / check_hop(hop)

@@ -32,6 +32,7 @@ from mailsvc.store import (
     storePath,
     writeAll,
 )
+from mailsvc.spool.groupsync import DirectorySyncer
 from mailsvc.store.maildir_access import MaildirSession
 
 _SUBDIRS = ("tmp", "new", "cur")
@@ -40,6 +41,13 @@ _NO_LINK_ERRNOS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno
 
 _counter = itertools.count(1)
 _counterLock = threading.Lock()
+
+# Group commit (mailsvc.spool.groupsync): deliveries linking into new/ at
+# the same moment share the fsync of that directory.
+_newDirectories = DirectorySyncer()
+# Maildirs known to have tmp/ new/ cur/: no stat of them per delivery. A
+# maildir removed meanwhile is made again (see MaildirStore.deliver).
+_madeMaildirs: set[str] = set()
 
 
 def escapeHostname(hostname: str) -> str:
@@ -96,22 +104,27 @@ class MaildirStore:
 
         ``headers`` come first, then ``source`` with CRLF turned into LF.
         The file is fsync'd, linked into ``new/``, and ``new/`` is fsync'd
-        before this returns. On failure nothing stays in ``tmp/`` or ``new/``.
+        (by an fsync begun after the link, maybe shared with other
+        deliveries) before this returns. On failure nothing stays in
+        ``tmp/`` or ``new/``.
         """
         checkMailboxName(mailbox)
         head = headerBytes(headers)
         maildir = os.path.join(self.path, mailbox)
-        try:
-            self._create(maildir)
-        except OSError as e:
-            raise deliveryErrorFor(e, f"cannot create maildir {maildir}") from e
+        if maildir not in _madeMaildirs:
+            self._createOrFail(maildir)
         name = uniqueName(self.hostname)
         tmpPath = os.path.join(maildir, "tmp", name)
         newPath = os.path.join(maildir, "new", name)
         created = linked = False
         try:
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            fd = os.open(tmpPath, flags, 0o600)
+            try:
+                fd = os.open(tmpPath, flags, 0o600)
+            except FileNotFoundError:  # removed since we made it: make it again
+                _madeMaildirs.discard(maildir)
+                self._createOrFail(maildir)
+                fd = os.open(tmpPath, flags, 0o600)
             created = True
             try:
                 writeAll(fd, head)
@@ -122,8 +135,9 @@ class MaildirStore:
                 os.close(fd)
             self._link(tmpPath, newPath)
             linked = True
-            fsyncDirectory(os.path.join(maildir, "new"))
+            _newDirectories.sync([os.path.join(maildir, "new")])
         except BaseException as e:
+            _madeMaildirs.discard(maildir)  # look again next time
             if linked:
                 _removeQuietly(newPath)
             if isinstance(e, OSError):
@@ -133,6 +147,14 @@ class MaildirStore:
             if created:
                 _removeQuietly(tmpPath)
         return newPath
+
+    def _createOrFail(self, maildir: str) -> None:
+        """``_create``, then remember ``maildir``; a DeliveryError if it cannot be made."""
+        try:
+            self._create(maildir)
+        except OSError as e:
+            raise deliveryErrorFor(e, f"cannot create maildir {maildir}") from e
+        _madeMaildirs.add(maildir)
 
     def _create(self, maildir: str) -> None:
         """Make ``maildir`` and its ``tmp/ new/ cur/`` (mode 0700) if missing."""
