@@ -74,6 +74,7 @@ class CallInOptions:
     command: str = "ATRN"  # or "TURN"
     domains: tuple[str, ...] = ()  # ATRN only; empty: all of ours
     starttls: bool = True  # False: --no-tls (the password may go in clear)
+    tls_policy: str = ""  # "required", "opportunistic" or "none"; empty: from starttls
     tls_options: object = None  # an IOpenSSLClientConnectionCreator for STARTTLS
     helo_name: str = "localhost"
     timeout: float = 600.0  # rfc2645 5.2.1: at least 10 minutes for ATRN
@@ -110,13 +111,15 @@ class CallInProtocol(Protocol):
         self.server_factory = server_factory
         self.clock = clock
         self.machine = ClientConnection(ClientSettings(options.helo_name))
-        # The password goes only over TLS, unless --no-tls (then no STARTTLS at all).
+        # The password goes only over TLS, unless --no-tls (then no STARTTLS at all)
+        # or opportunistic TLS ([[callin]] tls: in clear when STARTTLS is not offered).
+        policy = options.tls_policy or ("required" if options.starttls else "none")
         security = SessionSecurity(
-            tls="required" if options.starttls else "none",
-            tls_options=options.tls_options,
+            tls=policy,
+            tls_options=options.tls_options if policy != "none" else None,
             username=options.user,
             password=options.password,
-            auth_without_tls=not options.starttls,
+            auth_without_tls=policy != "required",
         )
         self.opener = SessionOpener(self.machine, security, lambda tls: self.transport.startTLS(tls))
         self.result = CallInResult()

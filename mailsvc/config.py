@@ -10,7 +10,7 @@ Relative paths are taken from ``base_dir``.
 This module reads the core tables; the others have their own module, all
 built on ``mailsvc.configtable.Table``: ``relayconfig`` ([relay],
 [[uucp.site]]), ``securityconfig`` ([tls], [auth], [submission]),
-``turnconfig`` ([[hold.site]], [atrn]), ``pop3config`` ([pop3]).
+``turnconfig`` ([[hold.site]], [atrn], [[callin]]), ``pop3config`` ([pop3]).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from mailsvc.errors import ConfigError
 from mailsvc.relayconfig import RELAY_KEYS, RelayConfig, UucpSiteConfig, read_relay, read_uucp
 from mailsvc.pop3config import POP3Config, read_pop3
 from mailsvc.securityconfig import AuthConfig, SubmissionConfig, TLSConfig, read_auth, read_submission, read_tls
-from mailsvc.turnconfig import ATRNConfig, HoldSiteConfig, read_atrn, read_hold
+from mailsvc.turnconfig import ATRNConfig, CallInConfig, HoldSiteConfig, read_atrn, read_callins, read_hold
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -127,6 +127,7 @@ class Config:
     pop3: POP3Config = POP3Config()  # [pop3] (mailsvc.pop3config)
     hold_sites: tuple[HoldSiteConfig, ...] = ()  # [[hold.site]] (mailsvc.turnconfig)
     atrn: ATRNConfig = ATRNConfig()  # [atrn]
+    callins: tuple[CallInConfig, ...] = ()  # [[callin]] (mailsvc.turnconfig)
 
 
 def load(path: str | os.PathLike) -> Config:
@@ -162,7 +163,7 @@ def loads(text: str, path: str | os.PathLike) -> Config:
 
 # ---------------------------------------------------------------- reading
 
-_TABLES = ("server", "smtp", "local", "store", "delivery", "policy", "relay", "uucp", "tls", "auth", "submission", "hold", "atrn", "pop3")
+_TABLES = ("server", "smtp", "local", "store", "delivery", "policy", "relay", "uucp", "tls", "auth", "submission", "hold", "atrn", "pop3", "callin")
 _DEFAULT_ALIASES = {"postmaster": ["alice"], "team": ["alice", "bob"]}
 
 
@@ -204,6 +205,7 @@ def _read(data: dict, path: Path) -> Config:
             **{d: f"uucp site {site.name}" for site in uucp for d in site.domains},
         }),
         atrn=read_atrn(table("atrn", tuple(ATRNConfig.__dataclass_fields__)), checkEndpoint),
+        callins=read_callins(fileName, data.get("callin", []), base, checkDomain),
     )
 
 

@@ -3,7 +3,8 @@
 ``makeService`` reads the config, finds the store, directory and policy
 plugins by name, and builds a ``MultiService``: the queue runner, then one
 listener per ``[smtp] listen`` (MX) and ``[submission]`` endpoint
-(``mailsvc.listeners``). Stopping it says 421 to connected
+(``mailsvc.listeners``), and one ``CallInService`` per ``[[callin]]``
+(``mailsvc.callinservice``). Stopping it says 421 to connected
 clients, stops listening, and lets deliveries in progress finish.
 """
 
@@ -18,6 +19,7 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 
 from mailsvc import config as configuration
+from mailsvc.callinservice import CallInService
 from mailsvc.control import ControlService
 from mailsvc.clientprotocol import timeouts_from
 from mailsvc.delivery.bounce import Bouncer
@@ -203,6 +205,10 @@ def build(cfg: configuration.Config, reactor) -> service.MultiService:
         listener.setServiceParent(top)
     GoodbyeService(factory).setServiceParent(top)  # stopped first (reverse order)
     ControlService(spool, runner, cfg.server.control_socket, reactor).setServiceParent(top)
+    # [[callin]]: call providers in on a schedule (mailsvc.callinservice); stopped
+    # before the runner, which takes what they receive.
+    for entry in cfg.callins:
+        CallInService(entry, cfg, reactor, runner.submit).setServiceParent(top)
     return top
 
 

@@ -23,7 +23,7 @@ import pytest
 
 from mailsvc import passwd
 from mailsvc.tls import self_signed
-from realserver import RawSMTP, RealServer, start_server  # noqa: F401 (fixture)
+from realserver import RawSMTP, RealServer, start_server, toml_value  # noqa: F401 (fixture)
 
 MAILSVC = Path(sys.prefix) / "bin" / "mailsvc"
 PASSWORD = "turn-around-pw"
@@ -276,3 +276,59 @@ def test_untrusted_provider_certificate_is_refused(start_server, tmp_path):
     assert result.returncode == 1, result.stderr
     assert "certificate for wrong.test does not match: it is for mx.test" in result.stderr
     assert len(held(provider)) == 1
+
+
+class CallInCustomer(RealServer):
+    """The customer's mailsvc with ``[[callin]]`` tables appended to its config."""
+
+    def __init__(self, root: Path, callins, **options) -> None:
+        super().__init__(root, **options)
+        self.callins = [dict(c) for c in callins]
+
+    def write_config(self) -> Path:
+        path = super().write_config()
+        out = []
+        for entry in self.callins:
+            out.append("[[callin]]")
+            out.extend(f"{key} = {toml_value(value)}" for key, value in entry.items())
+            out.append("")
+        with open(path, "a", encoding="utf-8") as f:
+            f.write("\n" + "\n".join(out))
+        return path
+
+
+def test_callin_schedule_receives_the_held_mail(start_server, tmp_path):
+    """The customer's config has a [[callin]] (ATRN, TLS checked with the
+    provider's certificate, every second): the running customer server calls
+    in by itself and the held mail arrives in its Maildir, without `mailsvc
+    turn`; mail held later comes on a later run."""
+    provider = start_provider(start_server, tmp_path)
+    hold_mail(provider, 2)
+    root = tmp_path / "customer"
+    root.mkdir()
+    password_file = root / "provider.password"
+    password_file.write_text(PASSWORD + "\n")
+    password_file.chmod(0o600)
+    customer = CallInCustomer(root, [{
+        "host": f"127.0.0.1:{provider.atrn_port}", "mode": "atrn", "user": "custuser",
+        "password_file": str(password_file), "domains": ["customer.example"], "interval": 1,
+        "tls": "required", "ca_file": str(provider.cert_file), "tls_name": "mx.test",
+    }], sections={
+        "server": {"hostname": "customer.example", "control_socket": str(root / "mailsvc.sock")},
+        "local": {"domains": ["customer.example"], "users": ["u", "v"], "aliases": {"postmaster": ["u"]}},
+    })
+    try:
+        customer.start()
+        files = customer.wait_for_mail("u", 2, timeout=30)
+        texts = sorted(path.read_bytes() for path in files)
+        assert b"Kept for you (0)." in texts[0] and b"Kept for you (1)." in texts[1]
+        assert all(b"by customer.example (mailsvc) with ESMTPS" in t for t in texts)
+        provider.wait_for(lambda: not held(provider), message="the hold hop to empty")
+        customer.wait_for_log(f"callin 127.0.0.1:{provider.atrn_port}: 2 messages received", timeout=30)
+        hold_mail(provider, 1, to="v@customer.example")  # the next runs bring later mail too
+        customer.wait_for_mail("v", 1, timeout=30)
+        provider.wait_for(lambda: not held(provider), message="the hold hop to empty again")
+        assert customer.running
+    finally:
+        customer.stop()
+    assert "Server Shut Down." in customer.log(this_run=True), customer.tail()
