@@ -25,7 +25,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from mailsvc import aliases as aliasfiles
-from mailsvc.configtable import Table, checkDomain, checkEndpoint, show
+from mailsvc.configtable import Table, checkDomain, show
 from mailsvc.errors import ConfigError
 from mailsvc.relayconfig import RELAY_KEYS, RelayConfig, UucpSiteConfig, read_relay, read_uucp
 from mailsvc.pop3config import POP3Config, read_pop3
@@ -198,14 +198,14 @@ def _read(data: dict, path: Path) -> Config:
         uucp_sites=(uucp := read_uucp(fileName, table("uucp", ("site",)))),
         tls=read_tls(table("tls", tuple(TLSConfig.__dataclass_fields__)), base),
         auth=read_auth(table("auth", tuple(AuthConfig.__dataclass_fields__)), base),
-        submission=read_submission(table("submission", tuple(SubmissionConfig.__dataclass_fields__)), checkEndpoint),
-        pop3=read_pop3(table("pop3", tuple(POP3Config.__dataclass_fields__)), checkEndpoint),
-        hold_sites=read_hold(table("hold", ("site",)), checkDomain, {
+        submission=read_submission(table("submission", tuple(SubmissionConfig.__dataclass_fields__))),
+        pop3=read_pop3(table("pop3", tuple(POP3Config.__dataclass_fields__))),
+        hold_sites=read_hold(table("hold", ("site",)), {
             **{d: "[local] domains" for d in local.domains},
             **{d: f"uucp site {site.name}" for site in uucp for d in site.domains},
         }),
-        atrn=read_atrn(table("atrn", tuple(ATRNConfig.__dataclass_fields__)), checkEndpoint),
-        callins=read_callins(fileName, data.get("callin", []), base, checkDomain),
+        atrn=read_atrn(table("atrn", tuple(ATRNConfig.__dataclass_fields__))),
+        callins=read_callins(fileName, data.get("callin", []), base),
     )
 
 
@@ -225,11 +225,7 @@ def _readServer(t: Table, base: Path) -> ServerConfig:
 def _readSMTP(t: Table) -> SMTPConfig:
     """``[smtp]``."""
     default = SMTPConfig()
-    listen = t.strings("listen", list(default.listen))
-    for index, description in enumerate(listen):
-        problem = checkEndpoint(description)
-        if problem is not None:
-            t.fail(f"listen[{index}]", f"not a valid endpoint: {show(description)} ({problem})")
+    listen = t.endpoints("listen", default.listen)
     networks = []
     for index, text in enumerate(t.strings("trusted_networks", [])):
         try:

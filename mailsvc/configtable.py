@@ -17,6 +17,7 @@ from mailsvc.errors import ConfigError
 # 63 octets, at most 253 in all (without the trailing dot).
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\Z")
+SITE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}\Z")  # a UUCP node name, safe as a spool hop
 _NO_REACTOR = object()  # parsing an endpoint string only stores the reactor
 
 
@@ -120,6 +121,50 @@ class Table:
             self.fail(key, f"cannot read {path}: {e.strerror}")
         except UnicodeDecodeError:
             self.fail(key, f"{path}: not UTF-8 text")
+
+    def endpoints(self, key: str, default, implicit_tls_example: str = "") -> tuple[str, ...]:
+        """An array of Twisted server endpoint strings, each checked by parsing
+        it. With ``implicit_tls_example`` (e.g. ``"tcp:465"``) the list is of
+        implicit-TLS listeners: TLS comes from ``[tls]``, so ``ssl:`` and
+        ``tls:`` endpoints are refused."""
+        values = self.strings(key, list(default))
+        for index, description in enumerate(values):
+            if implicit_tls_example and description.split(":", 1)[0] in ("ssl", "tls"):
+                self.fail(
+                    f"{key}[{index}]",
+                    f"give a plain endpoint such as {implicit_tls_example}; TLS is added from [tls] ({show(description)})",
+                )
+            problem = checkEndpoint(description)
+            if problem is not None:
+                self.fail(f"{key}[{index}]", f"not a valid endpoint: {show(description)} ({problem})")
+        return values
+
+    def domains(self, key: str, taken: dict[str, str] | None = None, owner: str = "") -> tuple[str, ...]:
+        """An array of domain names, checked and lower-cased. With ``taken``
+        (domain → who has it), a domain someone else has is refused, and the
+        ones read here are recorded as ``owner``'s."""
+        domains = []
+        for index, text in enumerate(self.strings(key, [])):
+            domain = checkDomain(text)
+            if domain is None:
+                self.fail(f"{key}[{index}]", f"not a valid domain name: {show(text)}")
+            if taken is not None:
+                if domain in taken:
+                    self.fail(f"{key}[{index}]", f"{domain} already goes to {taken[domain]}")
+                taken[domain] = owner
+            domains.append(domain)
+        return tuple(domains)
+
+    def site_name(self, names: set[str], kind: str = "site") -> str:
+        """``name``: a site name that is safe as a spool hop and not in ``names``
+        (the sites read so far); it is added to ``names``."""
+        name = self.string("name", "")
+        if not SITE_NAME.match(name):
+            self.fail("name", f"a {kind} name is lower-case letters, digits, - and _; got {show(name)}")
+        if name in names:
+            self.fail("name", f"site {name} is defined twice")
+        names.add(name)
+        return name
 
 
 def checkEndpoint(description: str) -> str | None:

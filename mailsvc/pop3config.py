@@ -9,7 +9,6 @@ it on, on 127.0.0.1:2110 and 2995).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -37,19 +36,13 @@ class POP3Config:
         return auth.allow_plaintext_without_tls
 
 
-def read_pop3(t, check_endpoint: Callable[[str], str | None]) -> POP3Config:
-    """``[pop3]``; ``check_endpoint`` is ``mailsvc.config.checkEndpoint``."""
+def read_pop3(t) -> POP3Config:
+    """``[pop3]``."""
     default = POP3Config()
-    endpoints = {}
-    for key in ("listen", "listen_implicit_tls"):
-        values = t.strings(key, list(getattr(default, key)))
-        for index, description in enumerate(values):
-            if key == "listen_implicit_tls" and description.split(":", 1)[0] in ("ssl", "tls"):
-                t.fail(f"{key}[{index}]", f'give a plain endpoint such as tcp:995; TLS is added from [tls] ("{description}")')
-            problem = check_endpoint(description)
-            if problem is not None:
-                t.fail(f"{key}[{index}]", f'not a valid endpoint: "{description}" ({problem})')
-        endpoints[key] = values
+    endpoints = {
+        "listen": t.endpoints("listen", default.listen),
+        "listen_implicit_tls": t.endpoints("listen_implicit_tls", default.listen_implicit_tls, "tcp:995"),
+    }
     plaintext = None
     if "allow_plaintext_without_tls" in t.data:
         plaintext = t.boolean("allow_plaintext_without_tls", False)

@@ -6,7 +6,6 @@ how mail for other domains leaves (``mailsvc.delivery.relay``,
 from __future__ import annotations
 
 import ipaddress
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -218,7 +217,6 @@ def read_relay(fileName: str, t: Table, base: Path) -> RelayConfig:
     )
 
 
-_SITE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}\Z")  # a UUCP node name, safe as a hop
 
 
 def read_uucp(fileName: str, t: Table) -> tuple[UucpSiteConfig, ...]:
@@ -227,24 +225,13 @@ def read_uucp(fileName: str, t: Table) -> tuple[UucpSiteConfig, ...]:
     if not isinstance(entries, list):
         t.fail("site", f"expected [[uucp.site]] tables, got {show(entries)}")
     sites: list[UucpSiteConfig] = []
+    names: set[str] = set()
     claimed: dict[str, str] = {}
     default = UucpSiteConfig(name="", domains=())
     for index, entry in enumerate(entries):
         st = Table(fileName, f"[[uucp.site]][{index}]", entry, tuple(UucpSiteConfig.__dataclass_fields__))
-        name = st.string("name", "")
-        if not _SITE_NAME.match(name):
-            st.fail("name", f"a UUCP site name is lower-case letters, digits, - and _; got {show(name)}")
-        if any(site.name == name for site in sites):
-            st.fail("name", f"site {name} is defined twice")
-        domains = []
-        for d, text in enumerate(st.strings("domains", [])):
-            domain = checkDomain(text)
-            if domain is None:
-                st.fail(f"domains[{d}]", f"not a valid domain name: {show(text)}")
-            if domain in claimed:
-                st.fail(f"domains[{d}]", f"{domain} already goes to site {claimed[domain]}")
-            claimed[domain] = name
-            domains.append(domain)
+        name = st.site_name(names, "UUCP site")
+        domains = st.domains("domains", claimed, f"site {name}")
         if not domains:
             st.fail("domains", "at least one domain is needed")
         command = st.strings("command", list(default.command))
@@ -253,7 +240,7 @@ def read_uucp(fileName: str, t: Table) -> tuple[UucpSiteConfig, ...]:
         sites.append(
             UucpSiteConfig(
                 name=name,
-                domains=tuple(domains),
+                domains=domains,
                 command=command,
                 max_messages=st.integer("max_messages", default.max_messages),
                 max_bytes=st.integer("max_bytes", default.max_bytes),

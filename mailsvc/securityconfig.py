@@ -7,7 +7,6 @@ calls them. Every key and its default is documented in ``etc/mailsvc.toml``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,19 +99,13 @@ def _non_negative(t, key: str, default: float) -> float:
     return value
 
 
-def read_submission(t, check_endpoint: Callable[[str], str | None]) -> SubmissionConfig:
-    """``[submission]``; ``check_endpoint`` is ``mailsvc.config.checkEndpoint``."""
+def read_submission(t) -> SubmissionConfig:
+    """``[submission]``."""
     default = SubmissionConfig()
-    endpoints = {}
-    for key in ("listen", "listen_implicit_tls"):
-        values = t.strings(key, list(getattr(default, key)))
-        for index, description in enumerate(values):
-            if key == "listen_implicit_tls" and description.split(":", 1)[0] in ("ssl", "tls"):
-                t.fail(f"{key}[{index}]", f"give a plain endpoint such as tcp:465; TLS is added from [tls] ({show(description)})")
-            problem = check_endpoint(description)
-            if problem is not None:
-                t.fail(f"{key}[{index}]", f"not a valid endpoint: {show(description)} ({problem})")
-        endpoints[key] = values
+    endpoints = {
+        "listen": t.endpoints("listen", default.listen),
+        "listen_implicit_tls": t.endpoints("listen_implicit_tls", default.listen_implicit_tls, "tcp:465"),
+    }
     return SubmissionConfig(
         listen=endpoints["listen"],
         listen_implicit_tls=endpoints["listen_implicit_tls"],

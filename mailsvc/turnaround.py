@@ -43,8 +43,9 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailsvc.clientprotocol import SendResult, SMTPClientProtocol, SMTPSessionError
+from mailsvc.configtable import checkDomain
 from mailsvc.delivery.hold import domain_of
-from mailsvc.delivery.relay import _dsn_parameters, _results
+from mailsvc.delivery.relay import dsn_parameters, transaction_results
 from mailsvc.envelope import QueuedMessage, RecipientState
 from mailsvc.errors import DeliveryError, PermanentDeliveryError, TemporaryDeliveryError
 from mailsvc.interfaces import IDeliveryAgent
@@ -272,8 +273,6 @@ class TurnAround:
             else:
                 return Reply.of(458, "4.5.3", f"Unable to queue messages for node {shown}: no such queue")
         else:
-            from mailsvc.config import checkDomain
-
             node = checkDomain(event.node)
             if node is None:
                 return Reply.of(501, "5.5.4", f"Syntax error in parameters: {event.node[:64]} is not a domain name")
@@ -422,7 +421,7 @@ class ReversedSessionAgent:
         except SMTPSessionError as e:
             results = _broken(self.name, transaction, e)
         else:
-            results = _results(self.name, transaction, result, "DSN" in self.client.extensions)
+            results = transaction_results(self.name, transaction, result, "DSN" in self.client.extensions)
         finally:
             body.close()
         if isinstance(results, DeliveryError):
@@ -444,7 +443,7 @@ def _transaction(message: QueuedMessage, recipients, spool) -> Transaction:
             params[key] = value or None
     size = spool.size(message) + sum(len(h.encode("utf-8", "surrogateescape")) + 2 for h in envelope.prepend_headers)
     body_8bit = (envelope.parameter("BODY") or "").upper() == "8BITMIME"
-    rcpts = tuple((r.address, _dsn_parameters(r)) for r in recipients)
+    rcpts = tuple((r.address, dsn_parameters(r)) for r in recipients)
     try:
         return Transaction(envelope.sender, rcpts, params, size=size, body_8bit=body_8bit)
     except ValueError:

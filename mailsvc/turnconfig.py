@@ -15,15 +15,13 @@ config.py stays small. See etc/mailsvc.toml for every key.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from mailsvc.configtable import Table, show
 from mailsvc.errors import ConfigError
 
-_SITE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}\Z")  # safe as a spool hop
 
 
 @dataclass(frozen=True)
@@ -54,7 +52,7 @@ class ATRNConfig:
     challenge_auth_without_tls: bool = True
 
 
-def read_hold(table, check_domain: Callable, claimed: Mapping[str, str]) -> tuple[HoldSiteConfig, ...]:
+def read_hold(table, claimed: Mapping[str, str]) -> tuple[HoldSiteConfig, ...]:
     """``[[hold.site]]`` tables. ``table`` is the ``[hold]`` table reader of
     ``mailsvc.config``; ``claimed`` maps domains already given elsewhere
     (local, UUCP sites) to who has them."""
@@ -63,23 +61,12 @@ def read_hold(table, check_domain: Callable, claimed: Mapping[str, str]) -> tupl
     if not isinstance(entries, list):
         table.fail("site", f"expected [[hold.site]] tables, got {show(entries)}")
     sites: list[HoldSiteConfig] = []
+    names: set[str] = set()
     taken = dict(claimed)
     for index, entry in enumerate(entries):
         st = Table(table.fileName, f"[[hold.site]][{index}]", entry, tuple(HoldSiteConfig.__dataclass_fields__))
-        name = st.string("name", "")
-        if not _SITE_NAME.match(name):
-            st.fail("name", f"a site name is lower-case letters, digits, - and _; got {show(name)}")
-        if any(site.name == name for site in sites):
-            st.fail("name", f"site {name} is defined twice")
-        domains = []
-        for d, text in enumerate(st.strings("domains", [])):
-            domain = check_domain(text)
-            if domain is None:
-                st.fail(f"domains[{d}]", f"not a valid domain name: {show(text)}")
-            if domain in taken:
-                st.fail(f"domains[{d}]", f"{domain} already goes to {taken[domain]}")
-            taken[domain] = f"hold site {name}"
-            domains.append(domain)
+        name = st.site_name(names)
+        domains = st.domains("domains", taken, f"hold site {name}")
         if not domains:
             st.fail("domains", "at least one domain is needed")
         users = []
@@ -90,21 +77,15 @@ def read_hold(table, check_domain: Callable, claimed: Mapping[str, str]) -> tupl
             users.append(user)
         if not users:
             st.fail("users", "at least one AUTH user who owns these domains is needed (TURN and ATRN need AUTH)")
-        sites.append(HoldSiteConfig(name=name, domains=tuple(domains), users=tuple(users)))
+        sites.append(HoldSiteConfig(name=name, domains=domains, users=tuple(users)))
     return tuple(sites)
 
 
-def read_atrn(table, check_endpoint: Callable) -> ATRNConfig:
+def read_atrn(table) -> ATRNConfig:
     """``[atrn]``."""
-
     default = ATRNConfig()
-    listen = table.strings("listen", list(default.listen))
-    for index, description in enumerate(listen):
-        problem = check_endpoint(description)
-        if problem is not None:
-            table.fail(f"listen[{index}]", f"not a valid endpoint: {show(description)} ({problem})")
     return ATRNConfig(
-        listen=listen,
+        listen=table.endpoints("listen", default.listen),
         challenge_auth_without_tls=table.boolean("challenge_auth_without_tls", default.challenge_auth_without_tls),
     )
 
@@ -166,7 +147,7 @@ def _split_host(text: str) -> tuple[str, int | None] | None:
     return host, int(port)
 
 
-def read_callins(fileName: str, entries: object, base: Path, check_domain: Callable) -> tuple[CallInConfig, ...]:
+def read_callins(fileName: str, entries: object, base: Path) -> tuple[CallInConfig, ...]:
     """``[[callin]]`` tables, in order (relative paths taken from ``base``)."""
 
     if not isinstance(entries, list):
@@ -192,12 +173,7 @@ def read_callins(fileName: str, entries: object, base: Path, check_domain: Calla
         password_file = t.path("password_file", "", base)
         if not password_file.is_file():
             t.fail("password_file", f"file not found: {password_file}")
-        domains = []
-        for d, name in enumerate(t.strings("domains", [])):
-            domain = check_domain(name)
-            if domain is None:
-                t.fail(f"domains[{d}]", f"not a valid domain name: {show(name)}")
-            domains.append(domain)
+        domains = t.domains("domains")
         if domains and mode == "turn":
             t.fail("domains", "for ATRN only (TURN takes no argument)")
         tls = t.data.get("tls", "required")

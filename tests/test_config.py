@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from mailsvc import aliases as aliasfiles
-from mailsvc.config import Config, checkEndpoint, load, loads
+from mailsvc.config import Config, load, loads
+from mailsvc.configtable import checkEndpoint
 from mailsvc.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent

@@ -308,7 +308,7 @@ class RelayAgent:
                 mail_params[key] = value or None
         body_8bit = (envelope.parameter("BODY") or "").upper() == "8BITMIME"
         by_address = {r.address: r for r in envelope.recipients}
-        rcpts = tuple((address, _dsn_parameters(by_address.get(address))) for address in valid)
+        rcpts = tuple((address, dsn_parameters(by_address.get(address))) for address in valid)
         try:
             try:
                 transaction = Transaction(envelope.sender, rcpts, mail_params, size=size, body_8bit=body_8bit)
@@ -506,7 +506,7 @@ class RelayAgent:
             return self._lost_after_data(name, where, transaction, e)
         finally:
             body.close()
-        return _results(name, transaction, result, "DSN" in protocol.extensions)
+        return transaction_results(name, transaction, result, "DSN" in protocol.extensions)
 
     def _lost_after_data(self, name, where, transaction, error: SMTPSessionError) -> dict:
         """The session broke after the end of data: the accepted recipients may
@@ -596,7 +596,7 @@ def _unanswered(error: SMTPSessionError) -> bool:
     return not answered and (error.reply is None or error.reply.code == 421)
 
 
-def _dsn_parameters(recipient: Recipient | None) -> dict:
+def dsn_parameters(recipient: Recipient | None) -> dict:
     """rfc3461 4.1, 4.2: the NOTIFY and ORCPT to pass on for ``recipient``
     (sent only if the peer offers DSN: the client machine filters them)."""
     if recipient is None:
@@ -609,7 +609,7 @@ def _dsn_parameters(recipient: Recipient | None) -> dict:
     return parameters
 
 
-def _results(name: str, transaction: Transaction, result: SendResult, peer_dsn: bool = False):
+def transaction_results(name: str, transaction: Transaction, result: SendResult, peer_dsn: bool = False):
     """Per-recipient results of a finished transaction, or one error for all.
 
     A success is ``Delivered.PASSED_ON`` when the peer took the DSN request
