@@ -47,9 +47,12 @@ class Options(usage.Options):
 
     synopsis = "[--config FILE]"
     longdesc = (
-        "Run mailsvc: an SMTP receiver (MX) with a durable spool and local "
-        "delivery into Maildir or mbox mailboxes. Everything is set in the "
-        "TOML config file; see etc/mailsvc.toml for every key and its default."
+        "Run mailsvc, a multi-role mail server: an SMTP receiver (MX, with "
+        "ETRN), submission with STARTTLS, implicit TLS and AUTH, a durable "
+        "spool, delivery into Maildir or mbox mailboxes, relaying (MX, routes, "
+        "a smarthost), POP3, TURN/ATRN for held sites, and UUCP batches. "
+        "Which of them listen is set in the TOML config file; see "
+        "etc/mailsvc.toml for every key and its default."
     )
     optParameters = [
         ["config", "c", "etc/mailsvc.toml", "The TOML configuration file."],

@@ -2,4 +2,4 @@
 
 from twisted.application.service import ServiceMaker
 
-mailsvc = ServiceMaker("mailsvc", "mailsvc.tap", "A multi-role SMTP mail server (MX, spool, local delivery).", "mailsvc")
+mailsvc = ServiceMaker("mailsvc", "mailsvc.tap", "A multi-role mail server: MX, submission, relay, POP3, TURN/ATRN, UUCP.", "mailsvc")
