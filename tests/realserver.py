@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -36,6 +38,21 @@ POLL = 0.05
 
 LOCAL_DOMAIN = "example.test"
 HOSTNAME = "mx.test"
+
+
+def tool(name: str) -> str:
+    """The path of a real client or peer program; fails (never skips) when it
+    is missing, since .ci/run installs every one."""
+    path = shutil.which(name)
+    assert path, f"{name} is not installed (.ci/run installs it)"
+    return path
+
+
+def client_context(ca) -> ssl.SSLContext:
+    """A client TLS context that trusts the ``trustme.CA`` ``ca`` only and checks host names."""
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return context
 
 
 def free_port() -> int:

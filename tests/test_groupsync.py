@@ -13,8 +13,7 @@ import threading
 import pytest
 
 from mailsvc.spool.groupsync import DirectorySyncer, fsync_directory
-
-WAIT = 30  # seconds: only a bound against a hung test, never a measurement
+from threaded import WAIT, run_threads, wait_until
 
 
 class Recorder:
@@ -49,35 +48,6 @@ class Recorder:
         self.calls[index] = (path, threading.get_ident(), start, self.seq())
         if error is not None:
             raise error
-
-
-def run_threads(count, target):
-    """Run ``target(i)`` in ``count`` threads; return their results (or exceptions)."""
-    results = [None] * count
-
-    def run(i):
-        try:
-            results[i] = target(i)
-        except BaseException as error:  # reported, never lost in the thread
-            results[i] = error
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(WAIT)
-        assert not thread.is_alive(), "a sync never returned"
-    return results
-
-
-def wait_until(predicate):
-    """Spin until ``predicate()``; fail the test rather than hang."""
-    event = threading.Event()
-    for _ in range(WAIT * 1000):
-        if predicate():
-            return
-        event.wait(0.001)
-    pytest.fail("condition never met")
 
 
 @pytest.fixture

@@ -14,9 +14,9 @@ import pytest
 from mailsvc.errors import TemporaryDeliveryError
 from mailsvc.store import maildir
 from mailsvc.store.maildir import MaildirStore
+from threaded import WAIT, run_threads, wait_until
 
 HEADERS = ["Return-Path: <a@example.test>", "Delivered-To: bob@example.test"]
-WAIT = 30  # seconds: a bound against a hung test, never a measurement
 
 
 class FsyncRecord:
@@ -58,35 +58,6 @@ def record(monkeypatch):
     recorder = FsyncRecord(os.fsync)
     monkeypatch.setattr(os, "fsync", recorder)
     return recorder
-
-
-def run_threads(count, target):
-    """Run ``target(i)`` in ``count`` threads; results or the exceptions raised."""
-    results = [None] * count
-
-    def run(i):
-        try:
-            results[i] = target(i)
-        except BaseException as error:
-            results[i] = error
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(WAIT)
-        assert not thread.is_alive(), "a delivery never returned"
-    return results
-
-
-def wait_until(predicate):
-    """Spin until ``predicate()``; fail rather than hang."""
-    event = threading.Event()
-    for _ in range(WAIT * 1000):
-        if predicate():
-            return
-        event.wait(0.001)
-    pytest.fail("condition never met")
 
 
 def deliver(store, record, mailbox, text):

@@ -14,10 +14,8 @@ import email
 import io
 import os
 import poplib
-import shutil
 import smtplib
 import socket
-import ssl
 import subprocess
 import textwrap
 
@@ -25,7 +23,7 @@ import pytest
 import trustme
 
 from mailsvc import passwd
-from realserver import RealServer, free_port
+from realserver import RealServer, client_context, free_port, tool
 
 EX_CONFIG = 78
 WRITE_ONLY_STORE = '''
@@ -112,19 +110,6 @@ def pop3_server(tmp_path, ca):
     finally:
         for server in servers:
             server.stop()
-
-
-def client_context(ca: trustme.CA) -> ssl.SSLContext:
-    """Trusts ``ca`` only and checks the host name."""
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
-    return context
-
-
-def tool(name: str) -> str:
-    path = shutil.which(name)
-    assert path, f"{name} is not installed (.ci/run installs it)"
-    return path
 
 
 def send_to_bob(server: RealServer, count: int = 1, message: bytes = MESSAGE) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import smtplib
 import socket
 import ssl
@@ -24,7 +23,7 @@ import pytest
 import trustme
 
 from mailsvc import passwd
-from realserver import RealServer, wait_for
+from realserver import RealServer, client_context, tool, wait_for
 
 PASSWORD = "correct horse battery staple"
 TOOL_TIMEOUT = 30
@@ -68,19 +67,6 @@ def secure_server(tmp_path, ca):
     finally:
         for server in servers:
             server.stop()
-
-
-def client_context(ca: trustme.CA) -> ssl.SSLContext:
-    """A client context that trusts ``ca`` only and checks the host name."""
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
-    return context
-
-
-def tool(name: str) -> str:
-    path = shutil.which(name)
-    assert path, f"{name} is not installed (.ci/run installs it)"
-    return path
 
 
 def swaks(port: int, *args: str) -> subprocess.CompletedProcess:

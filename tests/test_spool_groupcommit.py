@@ -19,11 +19,11 @@ import pytest
 from mailsvc.envelope import Envelope, Recipient, RecipientState
 from mailsvc.errors import SpoolError
 from mailsvc.spool import FileSpool
+from threaded import WAIT, run_threads, wait_until
 
 ENVELOPE = Envelope(sender="alice@example.test", recipients=(), received_at=1763891234.5)
 BOB = Recipient("bob@example.test", "bob@example.test", "bob")
 FAR = Recipient("dave@far.example")
-WAIT = 30  # seconds: a bound against a hung test, never a measurement
 
 
 class FsyncRecord:
@@ -108,35 +108,6 @@ def check_durable(record, message, hop_dir, returned, recycled=False):
     assert any(ctl in before and end < returned for _, start, before, end, _, _ in dirs), (
         f"C. of {message.id} not flushed before commit returned"
     )
-
-
-def run_threads(count, target):
-    """Run ``target(i)`` in ``count`` threads; results or the exceptions raised."""
-    results = [None] * count
-
-    def run(i):
-        try:
-            results[i] = target(i)
-        except BaseException as error:
-            results[i] = error
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(WAIT)
-        assert not thread.is_alive(), "a commit never returned"
-    return results
-
-
-def wait_until(predicate):
-    """Spin until ``predicate()``; fail rather than hang."""
-    event = threading.Event()
-    for _ in range(WAIT * 1000):
-        if predicate():
-            return
-        event.wait(0.001)
-    pytest.fail("condition never met")
 
 
 def files_in(root):
