@@ -55,10 +55,7 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import signal
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -67,8 +64,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _peers  # noqa: E402
 from _peers import TargetError  # noqa: E402
+from _rounds import SMTP_SOURCE, RoundFailed, Source, Table, fmt_row  # noqa: E402
 
-SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 POLL = 0.02          # seconds between Maildir counts once smtp-source is done
 SOURCE_POLL = 0.005  # seconds between checks for smtp-source's exit
 RSS_SAMPLE = 0.5     # seconds between memory samples of multi-process servers
@@ -81,54 +78,8 @@ METRICS = [  # key, column title, format
     ("src_cpu_ms", "src ms/msg", "{:.2f}"),
 ]
 RATIO_KEYS = ("accepted", "delivered", "cpu_ms", "rss_mb")
-
-
-class RoundFailed(Exception):
-    pass
-
-
-class Source:
-    """One run of smtp-source, a child in its own session, reaped with wait4."""
-
-    def __init__(self, port: int, messages: int, sessions: int, size: int, log: Path):
-        argv = [SMTP_SOURCE, "-s", str(sessions), "-m", str(messages), "-l", str(size),
-                "-f", f"bench@{_peers.DOMAIN}", "-t", f"{_peers.USER}@{_peers.DOMAIN}",
-                f"127.0.0.1:{port}"]
-        self.log = log
-        with open(log, "wb") as out:
-            self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
-                                          stderr=subprocess.STDOUT, start_new_session=True)
-        self.started = time.monotonic()
-        self.ended: float | None = None
-        self.status: int | None = None
-        self.cpu = 0.0
-
-    def poll(self) -> bool:
-        """True once smtp-source has exited (then ended, status and cpu are set)."""
-        if self.ended is not None:
-            return True
-        pid, status, ru = os.wait4(self.popen.pid, os.WNOHANG)
-        if pid == 0:
-            return False
-        self.ended = time.monotonic()
-        self.status = os.waitstatus_to_exitcode(status)
-        self.popen.returncode = self.status  # so Popen will not wait for it again
-        self.cpu = ru.ru_utime + ru.ru_stime
-        return True
-
-    def error(self) -> str | None:
-        if self.status in (None, 0):  # running, or finished well
-            return None
-        return f"smtp-source exit {self.status}: {_peers.log_tail(self.log, 1)}"
-
-    def kill(self) -> None:
-        if self.ended is None:
-            try:
-                os.kill(self.popen.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            os.waitpid(self.popen.pid, 0)
-            self.ended = time.monotonic()
+TABLE = Table(METRICS, RATIO_KEYS)
+SENDER, RECIPIENT = f"bench@{_peers.DOMAIN}", f"{_peers.USER}@{_peers.DOMAIN}"
 
 
 def wait_delivered(target, mail: Path, expected: int, deadline: float, source=None,
@@ -180,12 +131,12 @@ def run_round(target, rnd: int, args, base: Path, prepared: dict) -> dict:
         deadline = time.monotonic() + args.timeout
         if args.warmup:
             source = Source(port, args.warmup, min(args.sessions, args.warmup), args.size,
-                            workdir / "smtp-source-warmup.log")
+                            workdir / "smtp-source-warmup.log", SENDER, RECIPIENT)
             wait_delivered(target, mail, args.warmup, deadline, source)
         cpu0 = _peers.tree_cpu_seconds(target.pid)
         rss: list[int] | None = [] if target.multi_process else None
         source = Source(port, args.messages, args.sessions, args.size,
-                        workdir / "smtp-source.log")
+                        workdir / "smtp-source.log", SENDER, RECIPIENT)
         delivered_at = wait_delivered(target, mail, args.warmup + args.messages, deadline,
                                       source, rss)
         cpu1 = _peers.tree_cpu_seconds(target.pid)
@@ -202,7 +153,7 @@ def run_round(target, rnd: int, args, base: Path, prepared: dict) -> dict:
         row["error"] = str(e)
     finally:
         if source is not None:
-            source.kill()
+            source.stop()
         target.stop()
         # The round's files stay until the whole run ends (main removes the
         # base dir): deleting thousands of files slows the creation of new
@@ -214,52 +165,8 @@ def run_round(target, rnd: int, args, base: Path, prepared: dict) -> dict:
 
 # ----------------------------------------------------------------- output
 
-def fmt_row(cells, widths) -> str:
-    return "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w)
-                     for i, (c, w) in enumerate(zip(cells, widths)))
-
-
-HEAD = ["target", "round"] + [title for _, title, _ in METRICS]
-WIDTHS = [16, 5] + [max(len(title), 8) for _, title, _ in METRICS]
-
-
 def show(row: dict) -> str:
-    if not row["ok"]:
-        return fmt_row([row["target"], row["round"]], WIDTHS[:2]) + "  ERROR: " + row["error"]
-    return fmt_row([row["target"], row["round"]] +
-                   [f.format(row[k]) for k, _, f in METRICS], WIDTHS)
-
-
-def summarize(rows: list[dict], names: list[str]) -> tuple[dict, dict]:
-    medians = {}
-    for name in names:
-        ok = [r for r in rows if r["target"] == name and r["ok"]]
-        total = sum(1 for r in rows if r["target"] == name)
-        medians[name] = {"rounds_ok": len(ok), "rounds": total}
-        for k, _, _ in METRICS:
-            medians[name][k] = statistics.median(r[k] for r in ok) if ok else None
-    ratios = {}
-    base = medians.get("mailsvc")
-    for name in names:
-        if name == "mailsvc" or base is None:
-            continue
-        ratios[name] = {
-            k: (base[k] / medians[name][k]
-                if base[k] is not None and medians[name][k] else None)
-            for k, _, _ in METRICS if k in RATIO_KEYS}
-    return medians, ratios
-
-
-def show_summary(medians: dict, ratios: dict) -> list[str]:
-    out = ["", "summary: medians of finished rounds"]
-    out.append(fmt_row(["target", "ok"] + [t for _, t, _ in METRICS], WIDTHS))
-    for name, m in medians.items():
-        cells = [f.format(m[k]) if m[k] is not None else "-" for k, _, f in METRICS]
-        out.append(fmt_row([name, f"{m['rounds_ok']}/{m['rounds']}"] + cells, WIDTHS))
-    for name, r in ratios.items():
-        cells = [f"{r[k]:.2f}x" if r.get(k) is not None else "-" for k, _, _ in METRICS]
-        out.append(fmt_row([f"mailsvc/{name}", ""] + cells, WIDTHS))
-    return out
+    return TABLE.row(row)
 
 
 # ------------------------------------------------------------------- main
@@ -337,7 +244,7 @@ def main(argv=None) -> int:
     say(f"# accept+deliver: {args.messages} msgs x {args.size} B, {args.sessions} sessions, "
         f"{args.rounds} rounds, warm-up {args.warmup}; {os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}" + (f"; temp dir {base}" if args.keep else ""))
-    say(fmt_row(HEAD, WIDTHS))
+    say(fmt_row(TABLE.head, TABLE.widths))
     rows: list[dict] = []
     interrupted = False
     try:
@@ -355,8 +262,8 @@ def main(argv=None) -> int:
         if not args.keep:
             _peers.remove_tree(base)
 
-    medians, ratios = summarize(rows, args.names)
-    for line in show_summary(medians, ratios):
+    medians, ratios = TABLE.summarize(rows, args.names)
+    for line in TABLE.summary(medians, ratios):
         say(line)
     if args.json:
         params = {k: getattr(args, k) for k in

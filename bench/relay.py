@@ -63,7 +63,6 @@ import platform
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -73,8 +72,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _peers  # noqa: E402
 from _peers import TargetError  # noqa: E402
+from _rounds import SMTP_SOURCE, RoundFailed, Source, Table, fmt_row  # noqa: E402
 
-SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
 POSTCONF = shutil.which("postconf") or "/usr/sbin/postconf"
 SENDER = f"bench@{_peers.DOMAIN}"
@@ -94,59 +93,8 @@ METRICS = [  # key, column title, format
     ("sink_sessions", "sink sess", "{:d}"),
 ]
 RATIO_KEYS = ("accepted", "relayed", "cpu_ms", "rss_mb")
+TABLE = Table(METRICS, RATIO_KEYS)
 TARGET_NAMES = ("mailsvc", "postfix")
-
-
-class RoundFailed(Exception):
-    pass
-
-
-# ------------------------------------------------------------------ processes
-
-class Source:
-    """One run of smtp-source, a child in its own session, reaped with wait4."""
-
-    def __init__(self, port: int, messages: int, sessions: int, size: int, log: Path):
-        argv = [SMTP_SOURCE, "-s", str(sessions), "-m", str(messages), "-l", str(size),
-                "-f", SENDER, "-t", RECIPIENT, f"127.0.0.1:{port}"]
-        self.log = log
-        with open(log, "wb") as out:
-            self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
-                                          stderr=subprocess.STDOUT, start_new_session=True)
-        self.started = time.monotonic()
-        self.ended: float | None = None
-        self.status: int | None = None
-        self.cpu = 0.0
-
-    def poll(self) -> bool:
-        """True once smtp-source has exited (then ended, status and cpu are set)."""
-        if self.ended is not None:
-            return True
-        pid, status, ru = os.wait4(self.popen.pid, os.WNOHANG)
-        if pid == 0:
-            return False
-        self.ended = time.monotonic()
-        self.status = os.waitstatus_to_exitcode(status)
-        self.popen.returncode = self.status  # so Popen will not wait for it again
-        self.cpu = ru.ru_utime + ru.ru_stime
-        return True
-
-    def error(self) -> str | None:
-        if self.status in (None, 0):
-            return None
-        return f"smtp-source exit {self.status}: {_peers.log_tail(self.log, 1)}"
-
-    def stop(self) -> None:
-        if self.ended is None:
-            try:
-                os.kill(self.popen.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            try:
-                os.waitpid(self.popen.pid, 0)
-            except ChildProcessError:
-                pass
-            self.ended = time.monotonic()
 
 
 _COUNTERS = re.compile(rb"sess=(\d+) quit=(\d+) mesg=(\d+)\r")
@@ -395,13 +343,13 @@ def run_round(target, rnd: int, args, base: Path, prepared: dict, live: list) ->
         deadline = time.monotonic() + args.timeout
         if args.warmup:
             source = Source(port, args.warmup, min(args.sessions, args.warmup), args.size,
-                            workdir / "smtp-source-warmup.log")
+                            workdir / "smtp-source-warmup.log", SENDER, RECIPIENT)
             live.append(source)
             wait_relayed(target, sink, args.warmup, deadline, source)
         cpu0 = _peers.tree_cpu_seconds(target.pid)
         rss: list[int] | None = [] if target.multi_process else None
         source = Source(port, args.messages, args.sessions, args.size,
-                        workdir / "smtp-source.log")
+                        workdir / "smtp-source.log", SENDER, RECIPIENT)
         live.append(source)
         relayed_at = wait_relayed(target, sink, args.warmup + args.messages, deadline,
                                   source, rss)
@@ -436,61 +384,12 @@ def run_round(target, rnd: int, args, base: Path, prepared: dict, live: list) ->
 
 # --------------------------------------------------------------------- output
 
-def fmt_row(cells, widths) -> str:
-    return "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w)
-                     for i, (c, w) in enumerate(zip(cells, widths)))
-
-
-HEAD = ["target", "round"] + [title for _, title, _ in METRICS]
-WIDTHS = [16, 5] + [max(len(title), 8) for _, title, _ in METRICS]
-
-
 def show(row: dict) -> str:
-    if not row["ok"]:
-        return fmt_row([row["target"], row["round"]], WIDTHS[:2]) + "  ERROR: " + row["error"]
-    line = fmt_row([row["target"], row["round"]] +
-                   [f.format(row[k]) for k, _, f in METRICS], WIDTHS)
-    if row["sink_messages"] is not None and row["sink_messages"] != row["expected"]:
+    line = TABLE.row(row)
+    if row["ok"] and row["sink_messages"] is not None and row["sink_messages"] != row["expected"]:
         line += (f"  (the sink got {row['sink_messages']} messages,"
                  f" {row['expected']} were sent)")
     return line
-
-
-def summarize(rows: list[dict], names: list[str]) -> tuple[dict, dict]:
-    medians = {}
-    for name in names:
-        ok = [r for r in rows if r["target"] == name and r["ok"]]
-        total = sum(1 for r in rows if r["target"] == name)
-        medians[name] = {"rounds_ok": len(ok), "rounds": total}
-        for k, _, _ in METRICS:
-            medians[name][k] = statistics.median(r[k] for r in ok) if ok else None
-    ratios = {}
-    base = medians.get("mailsvc")
-    for name in names:
-        if name == "mailsvc" or base is None:
-            continue
-        ratios[name] = {
-            k: (base[k] / medians[name][k]
-                if base[k] is not None and medians[name][k] else None)
-            for k in RATIO_KEYS}
-    return medians, ratios
-
-
-def show_summary(medians: dict, ratios: dict) -> list[str]:
-    out = ["", "summary: medians of finished rounds"]
-    out.append(fmt_row(["target", "ok"] + [t for _, t, _ in METRICS], WIDTHS))
-    for name, m in medians.items():
-        cells = []
-        for k, _, f in METRICS:
-            v = m[k]
-            if isinstance(v, float) and f == "{:d}":
-                v = round(v)
-            cells.append(f.format(v) if v is not None else "-")
-        out.append(fmt_row([name, f"{m['rounds_ok']}/{m['rounds']}"] + cells, WIDTHS))
-    for name, r in ratios.items():
-        cells = [f"{r[k]:.2f}x" if r.get(k) is not None else "-" for k, _, _ in METRICS]
-        out.append(fmt_row([f"mailsvc/{name}", ""] + cells, WIDTHS))
-    return out
 
 
 # ----------------------------------------------------------------------- main
@@ -591,7 +490,7 @@ def main(argv=None) -> int:
         f"Python {platform.python_version()}, load {load_before[0]:.2f}"
         + (f"; temp dir {base}" if args.keep else ""))
     say("# " + ", ".join(f"{k} {v}" for k, v in settings.items()))
-    say(fmt_row(HEAD, WIDTHS))
+    say(fmt_row(TABLE.head, TABLE.widths))
     rows: list[dict] = []
     live: list = []
     interrupted = False
@@ -611,8 +510,8 @@ def main(argv=None) -> int:
         if not args.keep:
             _peers.remove_tree(base)
 
-    medians, ratios = summarize(rows, args.names)
-    for line in show_summary(medians, ratios):
+    medians, ratios = TABLE.summarize(rows, args.names)
+    for line in TABLE.summary(medians, ratios):
         say(line)
     load_after = os.getloadavg()
     say(f"# load average before {load_before[0]:.2f}, after "
