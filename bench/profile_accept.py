@@ -34,7 +34,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _peers  # noqa: E402
-from accept_deliver import Source, wait_delivered  # noqa: E402
+from _rounds import Source  # noqa: E402
+from accept_deliver import RECIPIENT, SENDER, wait_delivered  # noqa: E402
 
 PY_SPY = _peers.MAIN_VENV / "bin" / "py-spy"
 
@@ -124,7 +125,8 @@ def main(argv=None) -> int:
         target.start(base, port)
         deadline = time.monotonic() + 600
         if args.warmup:
-            source = Source(port, args.warmup, args.sessions, args.size, base / "warmup.log")
+            source = Source(port, args.warmup, args.sessions, args.size, base / "warmup.log",
+                            SENDER, RECIPIENT)
             wait_delivered(target, target.mail_root(), args.warmup, deadline, source)
         raw = args.raw or base / "raw.txt"
         flags = ["--nonblocking"] + ([] if args.lines else ["--nolineno"]) + [ "-r", str(args.rate), "-f", "raw", "-o", str(raw)]
@@ -134,7 +136,8 @@ def main(argv=None) -> int:
         time.sleep(1.0)  # py-spy attaches
         cpu0 = _peers.tree_cpu_seconds(target.pid)
         us0 = user_sys(target.pid)
-        source = Source(port, args.messages, args.sessions, args.size, base / "source.log")
+        source = Source(port, args.messages, args.sessions, args.size, base / "source.log",
+                        SENDER, RECIPIENT)
         done = wait_delivered(target, target.mail_root(), args.warmup + args.messages,
                               deadline, source)
         cpu = _peers.tree_cpu_seconds(target.pid) - cpu0
@@ -152,7 +155,7 @@ def main(argv=None) -> int:
             spy.kill()
             spy.wait()
         if source is not None:
-            source.kill()
+            source.stop()
         target.stop()
         shutil.rmtree(base, ignore_errors=True)
     return 0

@@ -48,6 +48,25 @@ class IMailboxStore(Interface):
         """Whether ``mailbox`` has been created in this store (bool)."""
 
 
+class IFlushingMailboxStore(IMailboxStore):
+    """A store whose deliveries can share fsyncs with the spool's commits
+    and with each other (group commit; ``mailsvc.durable``).
+
+    The local delivery agent runs ``deliverSteps`` in the server's flush
+    worker (``mailsvc.flushworker``), one thread for every such job, instead
+    of ``deliver`` in a thread of its own. The steps must never block for
+    long, other than by yielding a ``Flush``: every job of the worker waits
+    meanwhile. A store that may block (locks, network) implements only
+    ``IMailboxStore``.
+    """
+
+    def deliverSteps(mailbox, headers, source):
+        """``deliver`` as a generator: it yields a ``mailsvc.durable.Flush``
+        each time it needs files or directories on disk, is resumed once they
+        are (or has the ``OSError`` thrown in), and returns what ``deliver``
+        returns; the same errors, the same guarantees."""
+
+
 class IMailboxAccess(Interface):
     """The read side of a mailbox store: what mailbox access (POP3, rfc1939)
     needs. A store that provides it besides ``IMailboxStore`` can be served
@@ -267,6 +286,11 @@ class IMessageWriter(Interface):
         renamed, and their directories fsync'd before this returns
         (rfc5321 4.1.1.4, 6.1: accepting is taking responsibility).
         """
+
+    def commit_steps(envelope, routes):
+        """``commit`` as a generator of ``mailsvc.durable.Flush`` requests
+        (for the flush worker, which shares fsyncs among commits in flight);
+        returns what ``commit`` returns, raises what it raises."""
 
     def abort():
         """Forget the message: remove what was written. Safe to call twice."""

@@ -98,6 +98,9 @@ class ReceiverContext:
     policies: Sequence = ()
     now: Callable[[], float] = time.time
     router: router.Router = router.DEFAULT_ROUTER
+    # run_steps(steps) -> Deferred: the flush worker (mailsvc.flushworker), which
+    # shares the fsyncs of commits in flight; None: commit with run_blocking.
+    run_steps: Callable | None = None
 
     def is_trusted(self, address: str) -> bool:
         """Whether a client address is in a trusted network (may relay)."""
@@ -249,7 +252,11 @@ class ReceivingSession:
             return verdict.reply
         envelope = envelope.evolve(prepend_headers=envelope.prepend_headers + verdict.headers)
         try:
-            queued = yield self.context.run_blocking(writer.commit, envelope, self.context.router.routes(envelope.recipients))
+            routes = self.context.router.routes(envelope.recipients)
+            if self.context.run_steps is not None:
+                queued = yield self.context.run_steps(writer.commit_steps(envelope, routes))
+            else:
+                queued = yield self.context.run_blocking(writer.commit, envelope, routes)
         except SpoolError as error:
             log.error("spool commit failed for {id}: {error}", id=writer.id, error=error)
             return _spool_reply(error)

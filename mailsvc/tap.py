@@ -31,6 +31,7 @@ from mailsvc.delivery.router import LOCAL, RELAY, Router
 from mailsvc.delivery.runner import QueueRunner
 from mailsvc.delivery.uucp import UucpAgent
 from mailsvc.errors import ConfigError
+from mailsvc.flushworker import FlushWorker
 from mailsvc.interfaces import IMailboxStoreFactory, IPolicyFactory, IRecipientDirectoryFactory
 from mailsvc.listeners import smtp_listeners
 from mailsvc.protocol import SMTPServerFactory
@@ -133,6 +134,10 @@ def build(cfg: configuration.Config, reactor) -> service.MultiService:
     def run_blocking(f, *args):
         return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
 
+    # One thread for the spool's commits and Maildir deliveries: their
+    # fsyncs shared by rounds (mailsvc.flushworker).
+    flusher = FlushWorker(reactor)
+    reactor.addSystemEventTrigger("after", "shutdown", flusher.stop)
     spool_log = Logger(namespace="mailsvc.spool")
     spool = FileSpool(cfg.server.spool_dir, log=lambda text: spool_log.warn("{text}", text=text))
     delivery = cfg.delivery
@@ -158,7 +163,7 @@ def build(cfg: configuration.Config, reactor) -> service.MultiService:
         spool,
         {
             **{hop: hold_agent for hop in hold_agent.hops},
-            LOCAL: LocalDeliveryAgent(store, spool, run_blocking),
+            LOCAL: LocalDeliveryAgent(store, spool, run_blocking, run_steps=flusher.submit),
             RELAY: relay_agent,
             **{site.hop: UucpAgent(site, spool, reactor, hostname=cfg.server.hostname) for site in cfg.uucp_sites},
         },
@@ -170,6 +175,7 @@ def build(cfg: configuration.Config, reactor) -> service.MultiService:
         reporter=bouncer.report,
         delay_warning_after=cfg.relay.delay_warning_after,
         on_demand_hops=hold_agent.hops,
+        run_short=flusher.run,
     )
     context = ReceiverContext(
         settings=ReceiverSettings.from_config(cfg),
@@ -179,6 +185,7 @@ def build(cfg: configuration.Config, reactor) -> service.MultiService:
         run_blocking=run_blocking,
         policies=policies,
         router=router,
+        run_steps=flusher.submit,
     )
     # The MX, submission and implicit-TLS listeners (mailsvc.listeners).
     # TURN, ATRN and ETRN (mailsvc.turnaround).

@@ -80,8 +80,12 @@ def check_durable(record, message, hop_dir, returned, recycled=False):
     ``recycled``, its files were spent ones and leaving spent/ was durable too."""
     data, ctl = f"D.{message.id}", f"C.{message.id}"
     dirs = [d for d in record.dirs if d is not None and d[0] == str(hop_dir)]
-    # The data file's octets were flushed (under its temporary name).
-    data_fsyncs = [seq for path, seq in record.files if path.endswith(f"/tmp/{message.id}.D")]
+    # The data file's octets were flushed (under its temporary name, or
+    # under its name in a hop directory: no C. names it yet).
+    data_fsyncs = [
+        seq for path, seq in record.files
+        if path.endswith(f"/tmp/{message.id}.D") or path.endswith(f"/{data}")
+    ]
     assert data_fsyncs, f"data of {message.id} never fsync'd"
     # Its control file was flushed under its temporary name.
     assert any(path == str(hop_dir / f"{ctl}.tmp") for path, _ in record.files)
@@ -89,7 +93,9 @@ def check_durable(record, message, hop_dir, returned, recycled=False):
     # a directory fsync began with D. present and ended with C. still absent.
     staged = [end for _, start, before, end, after, _ in dirs if data in before and ctl not in after]
     assert staged, f"D. of {message.id} not flushed before its C. appeared"
-    assert max(data_fsyncs) < min(staged)
+    # ... and the data's octets were flushed before the control file appeared
+    # (it was still absent when a later directory fsync ended).
+    assert max(data_fsyncs) < max(staged)
     # Its departure from tmp/ (and from spent/ for a reused file) was durable
     # before the control file appeared: fsyncs begun after the writer was
     # made, with the temporary name gone, ended before C. can have appeared.

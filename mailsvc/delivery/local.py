@@ -11,7 +11,7 @@ from zope.interface import implementer
 
 from mailsvc.envelope import QueuedMessage, RecipientState
 from mailsvc.errors import DeliveryError, PermanentDeliveryError, TemporaryDeliveryError
-from mailsvc.interfaces import IDeliveryAgent
+from mailsvc.interfaces import IDeliveryAgent, IFlushingMailboxStore
 
 # rfc3463 3.4: X.3.1 "mail system full"; other storage trouble is X.3.0.
 _FULL = frozenset(code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if code)
@@ -26,12 +26,19 @@ class LocalDeliveryAgent:
     :param run_blocking: ``run_blocking(f, *args)`` returns a Deferred of
         ``f(*args)`` (production: a thread pool; tests: ``maybeDeferred``).
     :param log: a ``twisted.logger.Logger``.
+    :param run_steps: ``run_steps(steps)`` returns a Deferred of the result
+        of step generator ``steps`` (``mailsvc.flushworker.FlushWorker.submit``).
+        With one, a store providing ``IFlushingMailboxStore`` delivers through
+        it (its fsyncs shared with other deliveries and commits); other
+        stores, and every store without one, go through ``run_blocking``.
     """
 
-    def __init__(self, store, spool, run_blocking: Callable, log: Logger | None = None) -> None:
+    def __init__(self, store, spool, run_blocking: Callable, log: Logger | None = None,
+                 run_steps: Callable | None = None) -> None:
         self._store = store
         self._spool = spool
         self._run_blocking = run_blocking
+        self._run_steps = run_steps if IFlushingMailboxStore.providedBy(store) else None
         self._log = log or Logger(namespace="mailsvc.delivery.local")
 
     def deliver(self, message: QueuedMessage) -> defer.Deferred:
@@ -58,7 +65,10 @@ class LocalDeliveryAgent:
             f"Delivered-To: {recipient.address}",
         ]
         try:
-            await self._run_blocking(self._store_copy, message, recipient.mailbox, headers)
+            if self._run_steps is not None:
+                await self._run_steps(self._store_copy_steps(message, recipient.mailbox, headers))
+            else:
+                await self._run_blocking(self._store_copy, message, recipient.mailbox, headers)
         except DeliveryError as e:
             return e
         except OSError as e:
@@ -77,3 +87,8 @@ class LocalDeliveryAgent:
         """Blocking: read the message from the spool into the store."""
         with self._spool.open(message) as source:
             return self._store.deliver(mailbox, headers, source)
+
+    def _store_copy_steps(self, message: QueuedMessage, mailbox: str, headers: list[str]):
+        """``_store_copy`` as steps (``IFlushingMailboxStore.deliverSteps``)."""
+        with self._spool.open(message) as source:
+            return (yield from self._store.deliverSteps(mailbox, headers, source))

@@ -43,6 +43,10 @@ class QueueRunner:
     :param run_blocking: ``run_blocking(f, *args)`` returns a Deferred of
         ``f(*args)``; the spool's blocking calls go through it. Default: call
         in the reactor thread. Production may pass a thread-pool runner.
+    :param run_short: the same, for the spool's short calls that never wait
+        for the disk (``remove``); default ``run_blocking``. Production
+        passes the flush worker (``mailsvc.flushworker``), which runs them
+        between its rounds at no thread hand-off of their own.
 
     A delivery in flight covers the agent's work and the spool update after
     it; the same ``(hop, id)`` is never in flight twice.
@@ -68,6 +72,7 @@ class QueueRunner:
         reporter: Callable | None = None,
         delay_warning_after: float = 0,
         on_demand_hops: Iterable[str] = (),
+        run_short: Callable | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency!r}")
@@ -79,6 +84,7 @@ class QueueRunner:
         self._concurrency = concurrency
         self._log = log or Logger(namespace="mailsvc.delivery.runner")
         self._blocking = run_blocking or defer.maybeDeferred
+        self._short = run_short or self._blocking
         # reporter(message, failed_recipients) -> Deferred: queues the bounce
         # (mailsvc.delivery.bounce.Bouncer.report). Called before the failed
         # state is saved, so a crash in between repeats a bounce, never loses one.
@@ -418,7 +424,7 @@ class QueueRunner:
                 errbackArgs=("update", updated),
             )
         else:
-            d = self._blocking(self._spool.remove, updated)
+            d = self._short(self._spool.remove, updated)
             d.addErrback(self._save_failed, "remove", updated)
         return d
 
@@ -473,7 +479,7 @@ class QueueRunner:
         )
 
     def _finish_done(self, message: QueuedMessage) -> None:
-        d = self._blocking(self._spool.remove, message)
+        d = self._short(self._spool.remove, message)
         d.addErrback(self._save_failed, "remove", message)
 
 

@@ -60,6 +60,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from zope.interface import implementer
 
+from mailsvc.durable import Flush, Steps, run_steps
 from mailsvc.envelope import Envelope, QueuedMessage, Recipient
 from mailsvc.errors import SpoolError
 from mailsvc.interfaces import IMessageWriter, ISpool
@@ -134,27 +135,33 @@ def _fsync_dir(path: pathlib.Path) -> None:
         os.close(fd)
 
 
-def _write_file(
-    path: pathlib.Path,
-    data: bytes,
-    fsync: Callable[[int], None] | None = None,
-    spent: SpentFiles | None = None,
-) -> bool:
+def _write_file(path: str, data: bytes, fsync: Callable[[int], None] | None, spent: SpentFiles) -> bool:
     """Write ``data`` to a new file at ``path`` and fsync it. The file is a
     spent one from ``spent`` when there is one: then return True."""
-    recycled = spent is not None and spent.take(path)
-    flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_NOFOLLOW if recycled else os.O_CREAT | os.O_TRUNC)
-    fd = os.open(path, flags, 0o600)
+    fd, recycled = _open_new(path, spent)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        if recycled:
-            os.ftruncate(fd, len(data))  # nothing of the old content stays
+        _write_all(fd, data, recycled)
         (fsync or os.fsync)(fd)
     finally:
         os.close(fd)
     return recycled
+
+
+def _open_new(path: str, spent: SpentFiles) -> tuple[int, bool]:
+    """Open a new file at ``path`` for writing: a spent one from ``spent``
+    when there is one (then the second value is True)."""
+    recycled = spent.take(path)
+    flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_NOFOLLOW if recycled else os.O_CREAT | os.O_TRUNC)
+    return os.open(path, flags, 0o600), recycled
+
+
+def _write_all(fd: int, data: bytes, recycled: bool) -> None:
+    """Write ``data`` from offset 0 of ``fd``; cut a reused file to its length."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    if recycled:
+        os.ftruncate(fd, len(data))  # nothing of the old content stays
 
 
 def _unlink_quietly(path: pathlib.Path) -> None:
@@ -237,6 +244,13 @@ class SpoolWriter:
         ``received_at`` gets the current time. :raise SpoolError: nothing
         was committed and nothing is left behind.
         """
+        return run_steps(self.commit_steps(envelope, routes), self._spool._fsync, self._spool._syncer)
+
+    def commit_steps(
+        self, envelope: Envelope, routes: Mapping[str, Sequence[Recipient]]
+    ) -> Steps[list[QueuedMessage]]:
+        """``commit`` as steps (``mailsvc.durable``): for a ``FlushWorker``,
+        which shares the fsyncs of commits in flight together."""
         if self._done:
             raise ValueError(f"message {self.id} is already committed or aborted")
         hops = [(check_hop(hop), tuple(rcpts)) for hop, rcpts in routes.items() if rcpts]
@@ -250,7 +264,7 @@ class SpoolWriter:
         ]
         written: list[str] = []  # removed in reverse order on failure
         try:
-            self._commit(messages, written)
+            yield from self._commit(messages, written)
         except OSError as e:
             self._undo(written)
             if e.errno == errno.ENOENT:
@@ -264,40 +278,46 @@ class SpoolWriter:
             self._spool._active.discard(self.id)
         return messages
 
-    def _commit(self, messages: list[QueuedMessage], written: list[str]) -> None:
+    def _commit(self, messages: list[QueuedMessage], written: list[str]) -> Steps[None]:
         spool = self._spool
         self._file.flush()
         if self._recycled:
             os.ftruncate(self._file.fileno(), self.size)  # nothing of the old content stays
-        (spool._fsync or os.fsync)(self._file.fileno())
-        self._file.close()
         dirs = [spool._hop_path(m.hop, create=True) for m in messages]
-        controls = []
+        controls = []  # (temp name, final name, open descriptor)
         recycled = self._recycled
-        for message, hop_dir in zip(messages, dirs):
-            temp = f"{hop_dir}/C.{self.id}.tmp"
-            written.append(temp)
-            recycled |= _write_file(temp, control.dump(message), spool._fsync, spool._spent)
-            controls.append((temp, f"{hop_dir}/C.{self.id}"))
-        first = f"{dirs[0]}/D.{self.id}"
-        written.append(first)
-        os.rename(self._path, first)
-        for hop_dir in dirs[1:]:
-            written.append(f"{hop_dir}/D.{self.id}")
-            os.link(first, written[-1])
-        # The data's directory entries are durable before any C. appears:
-        # a C. is the commit point and must never name missing data. So are
-        # the data's departure from tmp/ and, for reused files, from spent/:
-        # no old name of a committed file may come back after a crash
-        # (recover() would delete it, a reuse would overwrite it).
-        stage = [*dirs, spool._tmp]
-        if recycled:
-            stage.append(spool._spent.directory)
-        spool._syncer.sync(stage)
-        for temp, final in controls:
+        try:
+            for message, hop_dir in zip(messages, dirs):
+                temp = f"{hop_dir}/C.{self.id}.tmp"
+                written.append(temp)
+                fd, reused = _open_new(temp, spool._spent)
+                controls.append((temp, f"{hop_dir}/C.{self.id}", fd))
+                recycled |= reused
+                _write_all(fd, control.dump(message), reused)
+            first = f"{dirs[0]}/D.{self.id}"
+            written.append(first)
+            os.rename(self._path, first)  # no C. names it yet: a crash leaves no commit
+            for hop_dir in dirs[1:]:
+                written.append(f"{hop_dir}/D.{self.id}")
+                os.link(first, written[-1])
+            # Data and control files are on disk, and so are the data's
+            # directory entries, before any C. appears: a C. is the commit
+            # point and must never name missing data. So are the data's
+            # departure from tmp/ and, for reused files, from spent/: no old
+            # name of a committed file may come back after a crash (recover()
+            # would delete it, a reuse would overwrite it).
+            stage = [*dirs, spool._tmp]
+            if recycled:
+                stage.append(spool._spent.directory)
+            yield Flush(files=[self._file.fileno(), *(fd for _, _, fd in controls)], directories=stage)
+        finally:
+            self._file.close()
+            for _, _, fd in controls:
+                os.close(fd)
+        for temp, final, _ in controls:
             written.append(final)
             os.rename(temp, final)
-        spool._syncer.sync(dirs)  # the commit point is durable: 250 may be said
+        yield Flush(directories=dirs)  # the commit point is durable: 250 may be said
 
     def _undo(self, written: list[str]) -> None:
         try:

@@ -26,16 +26,9 @@ import os
 import threading
 from collections.abc import Callable, Iterable
 
-_DIRECTORY_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+from mailsvc.durable import fsync_directory
 
-
-def fsync_directory(path: str, fsync: Callable[[int], None] | None = None) -> None:
-    """fsync the directory ``path`` (``fsync`` defaults to ``os.fsync``, looked up per call)."""
-    fd = os.open(path, _DIRECTORY_FLAGS)
-    try:
-        (fsync or os.fsync)(fd)
-    finally:
-        os.close(fd)
+__all__ = ["DirectorySyncer", "fsync_directory"]
 
 
 class _Request:

@@ -21,8 +21,9 @@ from typing import BinaryIO
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
+from mailsvc.durable import Flush, Steps, run_steps
 from mailsvc.errors import PermanentDeliveryError
-from mailsvc.interfaces import IMailboxAccess, IMailboxStore, IMailboxStoreFactory
+from mailsvc.interfaces import IFlushingMailboxStore, IMailboxAccess, IMailboxStoreFactory
 from mailsvc.store import (
     checkMailboxName,
     deliveryErrorFor,
@@ -75,7 +76,7 @@ def uniqueName(hostname: str, now: float | None = None) -> str:
     return f"{seconds}.M{usec}P{os.getpid()}Q{n}.{escapeHostname(hostname)}"
 
 
-@implementer(IMailboxStore, IMailboxAccess)
+@implementer(IFlushingMailboxStore, IMailboxAccess)
 class MaildirStore:
     """Maildir mailboxes under the directory ``path``, one per user.
 
@@ -108,6 +109,11 @@ class MaildirStore:
         deliveries) before this returns. On failure nothing stays in
         ``tmp/`` or ``new/``.
         """
+        return run_steps(self.deliverSteps(mailbox, headers, source), syncer=_newDirectories)
+
+    def deliverSteps(self, mailbox: str, headers: Sequence[str], source: BinaryIO) -> Steps[str]:
+        """``IFlushingMailboxStore``: ``deliver`` as steps (``mailsvc.durable``),
+        so that a ``FlushWorker`` shares fsyncs among deliveries."""
         checkMailboxName(mailbox)
         head = headerBytes(headers)
         maildir = os.path.join(self.path, mailbox)
@@ -115,7 +121,8 @@ class MaildirStore:
             self._createOrFail(maildir)
         name = uniqueName(self.hostname)
         tmpPath = os.path.join(maildir, "tmp", name)
-        newPath = os.path.join(maildir, "new", name)
+        newDir = os.path.join(maildir, "new")
+        newPath = os.path.join(newDir, name)
         created = linked = False
         try:
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -130,12 +137,12 @@ class MaildirStore:
                 writeAll(fd, head)
                 for chunk in lfChunks(source):
                     writeAll(fd, chunk)
-                os.fsync(fd)
+                yield Flush(files=(fd,))
             finally:
                 os.close(fd)
             self._link(tmpPath, newPath)
             linked = True
-            _newDirectories.sync([os.path.join(maildir, "new")])
+            yield Flush(directories=(newDir,))
         except BaseException as e:
             _madeMaildirs.discard(maildir)  # look again next time
             if linked:

@@ -1,0 +1,95 @@
+"""Durable file work written as steps, so that many callers can share fsyncs.
+
+The spool's commit and the Maildir delivery each wait for the disk two or
+three times (their files, then the directory entries that name them). Written
+as a plain blocking function, each caller waits alone, in a thread of its
+own. Written as *steps*, a generator that ``yield``\\s a ``Flush`` each time it
+needs files or directories on stable storage, the waiting is left to a
+driver, which may do it for many callers at once:
+
+* ``run_steps`` (here) drives one generator in the calling thread: each
+  ``Flush`` is done at once (directories through a ``DirectorySyncer`` when
+  given one, so concurrent threads still share them). Blocking.
+* ``mailsvc.flushworker.FlushWorker`` drives the steps of every caller in one
+  thread, in rounds: each round advances every job to its next ``Flush``, then
+  fsyncs each file and each directory named in the round once, then resumes
+  the jobs (group commit, as a database does it).
+
+A step generator is resumed with ``None`` once its ``Flush`` is done, or has
+the ``OSError`` of a failed fsync of one of *its* files or directories thrown
+in at its ``yield``; its return value is the result of the whole job.
+
+No Twisted here: the stores use this module too.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Generator, Iterable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+_DIRECTORY_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+class Flush:
+    """What a step waits for: ``files`` (open file descriptors) and
+    ``directories`` (paths) flushed to stable storage by fsyncs begun after
+    the ``yield``."""
+
+    __slots__ = ("files", "directories")
+
+    def __init__(self, files: Iterable[int] = (), directories: Iterable[str] = ()) -> None:
+        self.files = tuple(files)
+        self.directories = tuple(directories)
+
+    def __repr__(self) -> str:
+        return f"Flush(files={self.files!r}, directories={self.directories!r})"
+
+
+Steps = Generator[Flush, None, T]
+
+
+def fsync_directory(path: str, fsync: Callable[[int], None] | None = None) -> None:
+    """fsync the directory ``path`` (``fsync`` defaults to ``os.fsync``, looked up per call)."""
+    fd = os.open(path, _DIRECTORY_FLAGS)
+    try:
+        (fsync or os.fsync)(fd)
+    finally:
+        os.close(fd)
+
+
+def run_steps(steps: Steps[T], fsync: Callable[[int], None] | None = None, syncer=None) -> T:
+    """Drive ``steps`` to its end in this thread; return its result.
+
+    Each ``Flush`` is done at once: its files fsync'd one by one, then its
+    directories (by ``syncer.sync``, a ``mailsvc.spool.groupsync.
+    DirectorySyncer``, when given: shared with other threads). A failed fsync
+    is thrown into the generator; whatever it raises is raised here.
+    """
+    error: BaseException | None = None
+    while True:
+        try:
+            flush = steps.send(None) if error is None else steps.throw(error)
+        except StopIteration as done:
+            return done.value
+        error = None
+        try:
+            for fd in flush.files:
+                (fsync or os.fsync)(fd)
+            if flush.directories:
+                if syncer is not None:
+                    syncer.sync(flush.directories)
+                else:
+                    for directory in flush.directories:
+                        fsync_directory(directory, fsync)
+        except OSError as e:
+            error = e
+
+
+def call_steps(f: Callable[..., T], *args) -> Steps[T]:
+    """``f(*args)`` as steps that need no flush: a plain short call for a
+    ``FlushWorker`` (it must not block for long: every other job waits)."""
+    return f(*args)
+    yield  # a generator: never reached

@@ -1,0 +1,257 @@
+"""The flush worker: step jobs run in one thread, their fsyncs shared by rounds.
+
+A fake reactor collects what the worker hands back with ``callFromThread``;
+the test thread runs it, as the reactor thread would. An instrumented fsync
+records what was flushed, and may hold the worker inside an fsync so that
+jobs pile up for the next round. Spool commits and Maildir deliveries run
+through a real worker and are checked for DESIGN rule 1 with the same record
+as the group-commit tests of the spool.
+"""
+
+import errno
+import io
+import os
+import queue
+import threading
+from pathlib import Path
+
+import pytest
+from twisted.internet import defer
+
+from mailsvc.durable import Flush, run_steps
+from mailsvc.flushworker import FlushWorker
+from mailsvc.spool import FileSpool
+from mailsvc.store.maildir import MaildirStore
+from test_spool_groupcommit import BOB, ENVELOPE, FAR, FsyncRecord, check_durable
+from threaded import WAIT
+
+
+class ThreadReactor:
+    """``callFromThread`` into a queue that the test thread runs."""
+
+    def __init__(self):
+        self.calls = queue.Queue()
+
+    def callFromThread(self, f, *args):
+        self.calls.put((f, args))
+
+    def run_until(self, d: defer.Deferred):
+        """Run handed-back calls until ``d`` has fired; return its result or raise its failure."""
+        results = []
+        d.addBoth(results.append)
+        while not results:
+            f, args = self.calls.get(timeout=WAIT)
+            f(*args)
+        result = results[0]
+        if isinstance(result, Exception) or hasattr(result, "raiseException"):
+            result.raiseException()
+        return result
+
+
+class Fsyncs:
+    """An fsync recording the path of each descriptor, optionally held."""
+
+    def __init__(self):
+        self.paths = []
+        self.hold = None  # threading.Event: the next fsync waits for it
+        self.holding = threading.Event()
+        self.fail = {}  # path -> errno
+
+    def __call__(self, fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        hold, self.hold = self.hold, None
+        if hold is not None:
+            self.holding.set()
+            hold.wait(WAIT)
+        self.paths.append(path)
+        if path in self.fail:
+            raise OSError(self.fail[path], os.strerror(self.fail[path]), path)
+
+
+@pytest.fixture
+def reactor():
+    return ThreadReactor()
+
+
+@pytest.fixture
+def worker(reactor):
+    fsyncs = Fsyncs()
+    w = FlushWorker(reactor, fsyncs)
+    w.fsyncs = fsyncs
+    yield w
+    w.stop()
+
+
+def write_job(path, data, log):
+    """Steps: write ``data`` to a new file, flush it and its directory, rename it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, data)
+        log.append(("flush", path))
+        yield Flush(files=[fd], directories=[os.path.dirname(path)])
+        log.append(("flushed", path))
+    finally:
+        os.close(fd)
+    os.rename(path, path + ".done")
+    yield Flush(directories=[os.path.dirname(path)])
+    return path + ".done"
+
+
+def test_a_job_runs_its_flushes_in_order_and_returns_on_the_reactor(reactor, worker, tmp_path):
+    log = []
+    d = worker.submit(write_job(str(tmp_path / "a"), b"hello", log))
+    assert reactor.run_until(d) == str(tmp_path / "a.done")
+    assert (tmp_path / "a.done").read_bytes() == b"hello"
+    # file, then its directory; then the directory again after the rename
+    assert worker.fsyncs.paths == [str(tmp_path / "a"), str(tmp_path), str(tmp_path)]
+    assert log == [("flush", str(tmp_path / "a")), ("flushed", str(tmp_path / "a"))]
+    assert (worker.rounds, worker.jobs) == (2, 1)
+
+
+def test_jobs_arriving_during_a_round_share_the_next_rounds_fsyncs(reactor, worker, tmp_path):
+    """While the worker is held inside an fsync, ten jobs arrive: the next
+    round flushes their ten files and their common directory once."""
+    release = threading.Event()
+    worker.fsyncs.hold = release
+    first = worker.submit(write_job(str(tmp_path / "first"), b"1", []))
+    assert worker.fsyncs.holding.wait(WAIT)
+    later = [worker.submit(write_job(str(tmp_path / f"m{i}"), b"x", [])) for i in range(10)]
+    release.set()
+    for d in [first, *later]:
+        reactor.run_until(d)
+    directory_fsyncs = [p for p in worker.fsyncs.paths if p == str(tmp_path)]
+    # round 1: first's file and directory; round 2: first's second flush and
+    # the ten files with their directory, once; round 3: the ten second flushes
+    assert len(directory_fsyncs) == 3
+    assert worker.rounds == 3 and worker.jobs == 11
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["first.done", *(f"m{i}.done" for i in range(10))])
+
+
+def test_a_failed_file_fsync_fails_only_the_job_that_owns_the_file(reactor, worker, tmp_path):
+    release = threading.Event()
+    worker.fsyncs.hold = release
+    blocker = worker.submit(write_job(str(tmp_path / "blocker"), b"", []))
+    assert worker.fsyncs.holding.wait(WAIT)
+    worker.fsyncs.fail[str(tmp_path / "bad")] = errno.EIO
+    bad = worker.submit(write_job(str(tmp_path / "bad"), b"x", []))
+    good = worker.submit(write_job(str(tmp_path / "good"), b"y", []))
+    release.set()
+    reactor.run_until(blocker)
+    with pytest.raises(OSError) as raised:
+        reactor.run_until(bad)
+    assert raised.value.errno == errno.EIO and raised.value.filename == str(tmp_path / "bad")
+    assert reactor.run_until(good) == str(tmp_path / "good.done")
+
+
+def test_a_failed_directory_fsync_fails_every_job_that_named_it(reactor, worker, tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    release = threading.Event()
+    worker.fsyncs.hold = release
+    blocker = worker.submit(write_job(str(tmp_path / "blocker"), b"", []))
+    assert worker.fsyncs.holding.wait(WAIT)
+    worker.fsyncs.fail[str(tmp_path / "a")] = errno.EIO
+    in_a = [worker.submit(write_job(str(tmp_path / "a" / f"m{i}"), b"x", [])) for i in range(3)]
+    in_b = worker.submit(write_job(str(tmp_path / "b" / "m"), b"x", []))
+    release.set()
+    reactor.run_until(blocker)
+    errors = []
+    for d in in_a:
+        with pytest.raises(OSError) as raised:
+            reactor.run_until(d)
+        errors.append(raised.value)
+    assert all(e.errno == errno.EIO for e in errors)
+    assert len({id(e) for e in errors}) == 3  # each job its own exception
+    assert reactor.run_until(in_b) == str(tmp_path / "b" / "m.done")
+
+
+def test_an_exception_in_a_job_fails_it_and_the_worker_goes_on(reactor, worker, tmp_path):
+    def broken():
+        yield Flush()
+        raise ValueError("broken job")
+
+    d = worker.submit(broken())
+    with pytest.raises(ValueError, match="broken job"):
+        reactor.run_until(d)
+    assert reactor.run_until(worker.run(lambda a, b: a + b, 2, 3)) == 5
+
+
+def test_stop_finishes_submitted_jobs_then_refuses_new_ones(reactor, tmp_path):
+    fsyncs = Fsyncs()
+    release = threading.Event()
+    fsyncs.hold = release
+    worker = FlushWorker(reactor, fsyncs)
+    jobs = [worker.submit(write_job(str(tmp_path / f"m{i}"), b"x", [])) for i in range(3)]
+    assert fsyncs.holding.wait(WAIT)
+    stopper = threading.Thread(target=worker.stop)
+    stopper.start()
+    release.set()
+    stopper.join(WAIT)
+    assert not stopper.is_alive()
+    for d in jobs:
+        reactor.run_until(d)
+    assert len(list(tmp_path.glob("*.done"))) == 3
+    with pytest.raises(RuntimeError, match="stopped"):
+        reactor.run_until(worker.submit(write_job(str(tmp_path / "late"), b"x", [])))
+    assert not (tmp_path / "late").exists()
+
+
+def test_run_steps_drives_a_job_in_the_calling_thread(tmp_path):
+    fsyncs = Fsyncs()
+    assert run_steps(write_job(str(tmp_path / "a"), b"x", []), fsyncs) == str(tmp_path / "a.done")
+    assert fsyncs.paths == [str(tmp_path / "a"), str(tmp_path), str(tmp_path)]
+    fsyncs.fail[str(tmp_path / "b")] = errno.EIO
+    with pytest.raises(OSError):
+        run_steps(write_job(str(tmp_path / "b"), b"x", []), fsyncs)
+
+
+# ------------------------------------------------------------ the real jobs
+
+
+def test_spool_commits_through_the_worker_are_each_durable(reactor, tmp_path):
+    """40 commits submitted at once, to one hop or two: each is durable in
+    the order DESIGN rule 1 asks before its Deferred fires, and they share
+    directory fsyncs."""
+    spool_dir = tmp_path / "spool"
+    record = FsyncRecord(spool_dir)
+    spool = FileSpool(spool_dir, fsync=record)
+    worker = FlushWorker(reactor, record)
+    try:
+        pending = []
+        for i in range(40):
+            writer = spool.newMessage()
+            record.created[writer.id] = record.seq()
+            writer.write(b"Subject: x\r\n\r\nbody\r\n")
+            routes = {"local": (BOB,), "relay": (FAR,)} if i % 4 == 0 else {"local": (BOB,)}
+            pending.append(worker.submit(writer.commit_steps(ENVELOPE, routes)))
+        for d in pending:
+            messages = reactor.run_until(d)
+            returned = record.seq()
+            for message in messages:
+                check_durable(record, message, spool_dir / message.hop, returned)
+        assert len(spool.recover()) == 50
+        assert worker.rounds < 40  # shared: without sharing, 2 rounds per commit
+    finally:
+        worker.stop()
+
+
+def test_maildir_deliveries_through_the_worker(reactor, tmp_path):
+    store = MaildirStore(str(tmp_path / "mail"), hostname="mx.example.test")
+    fsyncs = Fsyncs()
+    worker = FlushWorker(reactor, fsyncs)
+    try:
+        pending = [
+            worker.submit(store.deliverSteps("bob", ["Delivered-To: bob"], io.BytesIO(b"Subject: %d\r\n\r\nhi\r\n" % i)))
+            for i in range(20)
+        ]
+        paths = [reactor.run_until(d) for d in pending]
+    finally:
+        worker.stop()
+    new = tmp_path / "mail" / "bob" / "new"
+    assert sorted(paths) == sorted(str(p) for p in new.iterdir())
+    assert not list((tmp_path / "mail" / "bob" / "tmp").iterdir())
+    contents = sorted(Path(p).read_bytes() for p in paths)
+    assert contents == sorted(b"Delivered-To: bob\nSubject: %d\n\nhi\n" % i for i in range(20))
+    # each file flushed (under its tmp/ name), new/ flushed after the links
+    assert sum(1 for p in fsyncs.paths if "/bob/tmp/" in p) == 20
+    assert fsyncs.paths[-1] == str(new)
