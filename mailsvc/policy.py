@@ -63,19 +63,44 @@ class SessionInfo:
     extra: dict = field(default_factory=dict)  # free room for policies
 
 
-@defer.inlineCallbacks
-def ask(policies, hook: str, *args):
+_ACCEPTED = Verdict()
+
+
+def ask(policies, hook: str, *args) -> defer.Deferred:
     """Ask each policy's ``hook(*args)`` in order.
 
     Fires with a ``Verdict``: the first refusal, or an acceptance carrying
-    every header the policies added.
+    every header the policies added. While the answers are plain values
+    (``None`` or a ``Verdict``) no generator runs; the first other answer
+    (a Deferred...) hands the rest to ``_ask_slowly``.
     """
     headers: list[str] = []
-    for policy in policies:
-        verdict = yield defer.maybeDeferred(getattr(policy, hook), *args)
+    remaining = iter(policies)
+    for policy in remaining:
+        try:
+            verdict = getattr(policy, hook)(*args)
+        except BaseException:
+            return defer.fail()
         if verdict is None:
             continue
+        if type(verdict) is not Verdict:
+            return _ask_slowly(defer.maybeDeferred(lambda v=verdict: v), remaining, hook, args, headers)
         if verdict.reply is not None:
-            return verdict
+            return defer.succeed(verdict)
         headers.extend(verdict.headers)
-    return Verdict(None, tuple(headers))
+    return defer.succeed(Verdict(None, tuple(headers)) if headers else _ACCEPTED)
+
+
+@defer.inlineCallbacks
+def _ask_slowly(first: defer.Deferred, remaining, hook: str, args: tuple, headers: list):
+    """``ask`` from the first answer that was not a plain value on."""
+    verdict = yield first
+    while True:
+        if verdict is not None:
+            if verdict.reply is not None:
+                return verdict
+            headers.extend(verdict.headers)
+        policy = next(remaining, None)
+        if policy is None:
+            return Verdict(None, tuple(headers))
+        verdict = yield defer.maybeDeferred(getattr(policy, hook), *args)

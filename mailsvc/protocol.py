@@ -54,6 +54,8 @@ _AUTH_HANDLERS = {
 # Answered by the factory's ``turnaround`` when it has one (else TURN goes to
 # the receiving session, which refuses it; the machine offers no ETRN/ATRN).
 _TURN_HANDLERS = {ev.Turn: "on_turn", ev.Atrn: "on_atrn", ev.Etrn: "on_etrn"}
+# Events the glue routes itself; every other one goes straight to the session.
+_GLUE_EVENTS = frozenset({ev.Quit, ev.StartTLS, *_TURN_HANDLERS, *_AUTH_HANDLERS})
 
 
 class SMTPServerProtocol(Protocol):
@@ -65,7 +67,8 @@ class SMTPServerProtocol(Protocol):
         self.session: ReceivingSession | None = None
         self.auth = None  # mailsvc.auth.AuthSession when AUTH is offered
         self.client_address = ""
-        self._timer = None
+        self._timer = None  # one DelayedCall; fires at or before _deadline
+        self._deadline = 0.0  # clock time the current timeout ends
         self._busy = False  # inside _pump, or waiting for a Deferred answer
         self._gone = False
 
@@ -90,9 +93,15 @@ class SMTPServerProtocol(Protocol):
         if self.factory.authenticator is not None:
             self.auth = self.factory.authenticator.session(info)
         self._busy = True
-        self.transport.pauseProducing()
         d = defer.maybeDeferred(self.session.on_connect)
-        d.addCallbacks(self._greet, self._greet_failed)
+        answered: list = []
+        d.addBoth(answered.append)
+        if not answered:
+            # Not decided yet: read nothing until the greeting is sent.
+            self.transport.pauseProducing()
+            d.addCallback(lambda _: self._greeted(answered[0], resume=True))
+            return
+        self._greeted(answered[0])
 
     def dataReceived(self, data: bytes) -> None:
         if self.session is None or self._gone:
@@ -108,7 +117,7 @@ class SMTPServerProtocol(Protocol):
         self.factory.release(self)
         if self.session is not None:
             self.session.abort()
-        log.info("disconnect from [{client}]", client=getattr(self.transport.getPeer(), "host", ""))
+        log.info("disconnect from [{client}]", client=self.client_address)
 
     # ---------------------------------------------------------- control
 
@@ -124,18 +133,25 @@ class SMTPServerProtocol(Protocol):
             self.session.abort()
         self._flush()
 
-    def _greet(self, refusal) -> None:
+    def _greeted(self, result, resume: bool = False) -> None:
+        if isinstance(result, Failure):
+            self._greet_failed(result, resume)
+        else:
+            self._greet(result, resume)
+
+    def _greet(self, refusal, resume: bool = False) -> None:
         if self._gone:
             return
         self.machine.start(refusal)
         self._busy = False
-        self.transport.resumeProducing()
+        if resume:
+            self.transport.resumeProducing()
         self._restart_timer()
         self._pump()
 
-    def _greet_failed(self, failure: Failure) -> None:
+    def _greet_failed(self, failure: Failure, resume: bool = False) -> None:
         log.failure("connect policy failed", failure)
-        self._greet(Reply.of(421, "4.3.0", "Local error; try again later"))
+        self._greet(Reply.of(421, "4.3.0", "Local error; try again later"), resume)
 
     # ---------------------------------------------------------- the pump
 
@@ -150,16 +166,19 @@ class SMTPServerProtocol(Protocol):
                 result = self._dispatch(event)
                 if not event.needs_reply:
                     continue
-                d = defer.maybeDeferred(lambda r=result: r)
-                answered: list = []
-                d.addBoth(answered.append)
-                if not answered:
-                    # A slow answer: stop reading until it comes (rfc2920 3.1).
-                    self.transport.pauseProducing()
-                    d.addCallback(lambda _, e=event: self._answered(e, answered[0]))
-                    self._flush()
-                    return
-                self._answer(event, answered[0])
+                # None and a Reply are answers already: no Deferred for them.
+                if result is not None and type(result) is not Reply:
+                    d = result if type(result) is defer.Deferred else defer.maybeDeferred(lambda r=result: r)
+                    answered: list = []
+                    d.addBoth(answered.append)
+                    if not answered:
+                        # A slow answer: stop reading until it comes (rfc2920 3.1).
+                        self.transport.pauseProducing()
+                        d.addCallback(lambda _, e=event: self._answered(e, answered[0]))
+                        self._flush()
+                        return
+                    result = answered[0]
+                self._answer(event, result)
         finally:
             if self.machine.waiting is None:
                 self._busy = False
@@ -173,6 +192,13 @@ class SMTPServerProtocol(Protocol):
         self._pump()
 
     def _dispatch(self, event: ev.Event):
+        kind = type(event)
+        if kind not in _GLUE_EVENTS:
+            handler = getattr(self.session, SESSION_HANDLERS[kind])
+            try:
+                return handler(event)
+            except Exception:
+                return Failure()
         if isinstance(event, ev.Quit):
             return None
         if isinstance(event, ev.StartTLS):
@@ -249,19 +275,38 @@ class SMTPServerProtocol(Protocol):
     # ---------------------------------------------------------- timeouts
 
     def _restart_timer(self) -> None:
-        """rfc5321 4.5.3.2.7 (commands) and 4.5.3.2.5 (data blocks)."""
-        self._cancel_timer()
+        """rfc5321 4.5.3.2.7 (commands) and 4.5.3.2.5 (data blocks).
+
+        Activity only moves ``_deadline``; the timer is re-armed when it
+        fires early, or re-made when the deadline moves sooner than it."""
         if self._gone or self.machine.closed:
+            self._cancel_timer()
             return
         settings = self.factory
         seconds = settings.data_timeout if self.machine.in_data else settings.command_timeout
-        if seconds:
-            self._timer = settings.clock.callLater(seconds, self._timed_out)
+        if not seconds:
+            self._cancel_timer()
+            return
+        clock = settings.clock
+        self._deadline = deadline = clock.seconds() + seconds
+        timer = self._timer
+        if timer is None or deadline < timer.getTime():
+            if timer is not None:
+                timer.cancel()
+            self._timer = clock.callLater(seconds, self._timer_fired)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        left = self._deadline - self.factory.clock.seconds()
+        if left > 0:
+            self._timer = self.factory.clock.callLater(left, self._timer_fired)
+            return
+        self._timed_out()
 
     def _timed_out(self) -> None:
         self._timer = None

@@ -77,6 +77,15 @@ def _split_path(text: str) -> tuple[str, str]:
     """Split ``<path> params`` into the bracketed path and the rest."""
     if not text.startswith("<"):
         raise AddressError("address must be in angle brackets, as <user@domain>")
+    if '"' not in text:
+        # No quoted local part: the first '>' closes the path.
+        index = text.find(">")
+        if index < 0:
+            raise AddressError("missing '>' after the address")
+        rest = text[index + 1 :]
+        if rest and not rest.startswith(" "):
+            raise AddressError("expected a space after the address")
+        return text[1:index], rest.strip(" ")
     in_quotes = escaped = False
     for index, char in enumerate(text):
         if escaped:

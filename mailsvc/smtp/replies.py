@@ -45,6 +45,15 @@ class Reply:
         return 400 <= self.code < 500
 
     def __bytes__(self) -> bytes:
+        # Computed once per Reply (the constant ones are sent in every session);
+        # kept outside the fields, so equality and hashing ignore it.
+        wire = self.__dict__.get("_wire")
+        if wire is None:
+            wire = self._wire_form()
+            object.__setattr__(self, "_wire", wire)
+        return wire
+
+    def _wire_form(self) -> bytes:
         out = []
         last = len(self.lines) - 1
         for index, line in enumerate(self.lines):

@@ -69,6 +69,10 @@ from mailsvc.smtp.server_state import (  # noqa: F401 (re-exported: the machine'
 )
 
 
+# States in which next_event() reads nothing.
+_NOT_PARSING = (State.CLOSED, State.NEW, State.TLS_PENDING, State.TURNED)
+
+
 class ServerConnection(CommandParser):
     """One SMTP session, server side. See the module docstring."""
 
@@ -111,7 +115,7 @@ class ServerConnection(CommandParser):
         if self.state is not State.NEW:
             raise RuntimeError("start() called twice")
         if refusal is None:
-            self._send(Reply.of(220, "", f"{self.settings.hostname} ESMTP mailsvc"))
+            self._send(self.settings.greeting)
             self.state = State.GREETED
         elif refusal.code == 421:
             self.close(refusal)
@@ -192,7 +196,7 @@ class ServerConnection(CommandParser):
         while True:
             if self._events:
                 return self._hand_out(self._events.popleft())
-            if self._pending is not None or self.state in (State.CLOSED, State.NEW, State.TLS_PENDING, State.TURNED):
+            if self._pending is not None or self.state in _NOT_PARSING:
                 return None
             if self.state is State.DATA:
                 if not self._in:
@@ -224,7 +228,7 @@ class ServerConnection(CommandParser):
             self._chunks = ChunkReader(self.settings.max_message_size)
             return
         if isinstance(decision, ev.Hello):
-            self._send(self._hello_reply(decision))
+            self._out.append(self._hello_bytes(decision))  # 250: never counts as an error
         elif isinstance(decision, ev.MailFrom):
             self._send(SENDER_OK)
         elif isinstance(decision, ev.RcptTo):

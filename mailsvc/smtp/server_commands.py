@@ -74,6 +74,19 @@ class CommandParser:
             return None
         return ev.Hello(argument, verb == "EHLO")
 
+    def _hello_bytes(self, hello: ev.Hello) -> bytes:
+        """``bytes(self._hello_reply(hello))``; the EHLO keyword lines are made
+        once per settings and TLS state (the name has no spaces or CR/LF:
+        ``_hello``)."""
+        if not hello.extended:
+            return bytes(self._hello_reply(hello))
+        cache = self.settings.ehlo_keywords
+        keywords = cache.get(self.tls)
+        if keywords is None:
+            wire = bytes(self._hello_reply(ev.Hello("x", True)))
+            keywords = cache[self.tls] = wire[wire.index(b"\r\n") + 2 :]
+        return f"250-{self.settings.hostname} greets {hello.name}\r\n".encode() + keywords
+
     def _hello_reply(self, hello: ev.Hello) -> Reply:
         greeting = f"{self.settings.hostname} greets {hello.name}"
         if not hello.extended:
@@ -194,7 +207,7 @@ class CommandParser:
             self._syntax("QUIT takes no argument")
             return None
         # rfc5321 4.1.1.10: 221, then close.
-        self._send(Reply.of(221, "2.0.0", f"{self.settings.hostname} closing connection"))
+        self._send(self.settings.goodbye)
         self._enter_closed()
         return ev.Quit()
 
@@ -303,6 +316,7 @@ class CommandParser:
 
 
 _HANDLERS = {
+    "MAIL": CommandParser._mail,  # the other MAIL_VERBS are looked up after these
     "HELO": CommandParser._hello,
     "EHLO": CommandParser._hello,
     "RCPT": CommandParser._rcpt,

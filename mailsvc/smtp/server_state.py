@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 
 from mailsvc.smtp.replies import Reply
@@ -43,6 +44,23 @@ class ServerSettings:
     challenge_auth_without_tls: bool = False
     # rfc3030: offer CHUNKING (BDAT); off: BDAT gets 502.
     chunking: bool = False
+
+    # Replies that depend only on the settings, made once (not fields).
+    @functools.cached_property
+    def greeting(self) -> Reply:
+        """rfc5321 4.3.1: the 220 greeting."""
+        return Reply.of(220, "", f"{self.hostname} ESMTP mailsvc")
+
+    @functools.cached_property
+    def goodbye(self) -> Reply:
+        """rfc5321 4.1.1.10: the 221 to QUIT."""
+        return Reply.of(221, "2.0.0", f"{self.hostname} closing connection")
+
+    @functools.cached_property
+    def ehlo_keywords(self) -> dict:
+        """The wire form of the EHLO reply's keyword lines, by whether TLS is
+        active; filled by the machine (``CommandParser._hello_bytes``)."""
+        return {}
 
 
 class State(enum.Enum):
