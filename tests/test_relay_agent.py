@@ -732,6 +732,27 @@ def test_session_error_on_lost_connection(tmp_path):
     assert failures[0].value.transient
 
 
+def test_client_connection_turns_nagle_off():
+    """The end of data is a small write of its own after the body; with
+    Nagle's algorithm on, it waited for the peer's delayed ACK (up to 40 ms
+    a message). The client asks its TCP transport for TCP_NODELAY, and a
+    transport without the option (a TLS wrapper, a pipe) is fine too."""
+    from twisted.internet.testing import StringTransport
+
+    class TCPTransport(StringTransport):
+        no_delay = None
+
+        def setTcpNoDelay(self, enabled):
+            self.no_delay = enabled
+
+    tcp = TCPTransport()
+    SMTPClientProtocol(ClientSettings("me.test"), task.Clock()).makeConnection(tcp)
+    assert tcp.no_delay is True
+    plain = StringTransport()
+    SMTPClientProtocol(ClientSettings("me.test"), task.Clock()).makeConnection(plain)
+    assert plain.value() == b""  # nothing said before the greeting
+
+
 def test_dsn_request_is_passed_to_a_dsn_peer(tmp_path):
     """rfc3461 5.2.1: NOTIFY and ORCPT reach a peer that offers DSN; the result says it was passed on."""
     relay = Relay(tmp_path)

@@ -36,9 +36,7 @@ VERSION = "1"
 _HEX = "0123456789ABCDEF"
 # Written as they are: printable ASCII but "+" (the escape) in every value,
 # plus space and "=" in a line value; a key=value field escapes those two.
-_LITERAL_IN_FIELD = frozenset(chr(c) for c in range(0x21, 0x7F)) - {"+", "="}
-_LITERAL_IN_LINE = _LITERAL_IN_FIELD | {" ", "="}
-# Anything ``escape`` would change; most values have none (one search, not a loop).
+# These match one character each that ``escape`` writes as ``+XX``.
 _ESCAPED_IN_FIELD = re.compile(r"[^\x21-\x7e]|[+=]")
 _ESCAPED_IN_LINE = re.compile(r"[^\x20-\x7e]|\+")
 _RECIPIENT_KEYS = ("state", "attempts", "next", "address", "original", "mailbox", "error")
@@ -50,16 +48,15 @@ def escape(value: str, *, in_field: bool = False) -> str:
 
     ``in_field`` also escapes space and ``=``, for ``key=value`` fields.
     """
-    if not (_ESCAPED_IN_FIELD if in_field else _ESCAPED_IN_LINE).search(value):
+    pattern = _ESCAPED_IN_FIELD if in_field else _ESCAPED_IN_LINE
+    if not pattern.search(value):
         return value
-    out = []
-    for char in value:
-        if char in (_LITERAL_IN_FIELD if in_field else _LITERAL_IN_LINE):
-            out.append(char)
-        else:
-            for octet in char.encode("utf-8", "surrogatepass"):
-                out.append("+" + _HEX[octet >> 4] + _HEX[octet & 0xF])
-    return "".join(out)
+    return pattern.sub(_escape_match, value)
+
+
+def _escape_match(match: re.Match) -> str:
+    """``+XX`` for each UTF-8 octet of one escaped character."""
+    return "".join(f"+{octet:02X}" for octet in match.group().encode("utf-8", "surrogatepass"))
 
 
 def unescape(text: str) -> str:
