@@ -47,6 +47,7 @@ from mailsvc.smtp import client_events as ev
 from mailsvc.smtp.client import ClientConnection, ClientSettings, State
 from mailsvc.smtp.client_events import Transaction
 from mailsvc.smtp.replies import Reply
+from mailsvc.sockets import disable_nagle
 from mailsvc.tls import describe_tls_failure
 
 log = Logger(namespace="mailsvc.clientprotocol")
@@ -416,16 +417,7 @@ class SMTPClientProtocol(Protocol):
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
-        # No Nagle: the end of data (".", or the last BDAT) is often a small
-        # write of its own after the body; held back until the peer ACKs the
-        # body, which a peer waiting for that end delays (up to 40 ms on
-        # Linux) — one stall per message. Writes are already whole commands.
-        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
-        if set_no_delay is not None:
-            try:
-                set_no_delay(True)
-            except OSError:
-                pass
+        disable_nagle(self.transport)  # the end of data is a small write of its own
         self._restart_timer()
 
     def dataReceived(self, data: bytes) -> None:

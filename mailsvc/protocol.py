@@ -34,6 +34,7 @@ from mailsvc.receiver import SESSION_HANDLERS, ReceiverContext, ReceivingSession
 from mailsvc.smtp import events as ev
 from mailsvc.smtp.replies import Reply
 from mailsvc.smtp.server import ServerConnection, ServerSettings
+from mailsvc.sockets import disable_nagle
 
 log = Logger(namespace="mailsvc.protocol")
 
@@ -83,6 +84,7 @@ class SMTPServerProtocol(Protocol):
             tls=self.factory.implicit_tls,
         )
         self.client_address = info.client_address
+        disable_nagle(self.transport)  # a late reply after an early one is not held back
         log.info("connect from [{client}]:{port}", client=info.client_address, port=info.client_port)
         refusal = self.factory.admit(self)
         if refusal is not None:

@@ -117,6 +117,24 @@ def test_a_message_is_spooled_before_250(tmp_path):
     assert b"for <alice@example.test>; " in received
 
 
+def test_server_connection_turns_nagle_off(tmp_path):
+    """Replies are whole writes; a late one after an early one must not wait
+    for the client's delayed ACK (TCP_NODELAY, as Postfix's smtpd)."""
+    harness = Harness(tmp_path)
+
+    class TCPTransport(StringTransport):
+        no_delay = None
+
+        def setTcpNoDelay(self, enabled):
+            self.no_delay = enabled
+
+    transport = TCPTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000), hostAddress=IPv4Address("TCP", "127.0.0.1", 25))
+    proto = harness.factory.buildProtocol(None)
+    proto.makeConnection(transport)
+    assert transport.no_delay is True
+    assert transport.value().startswith(b"220 mx.test ESMTP")
+
+
 def test_unknown_user_and_relay_are_refused(tmp_path):
     """550 5.1.1 for an unknown local user; 550 5.7.1 for a foreign domain (no open relay)."""
     h = Harness(tmp_path)
