@@ -7,7 +7,9 @@ Twisted glue (``mailsvc.protocol``) feeds it events and writes its replies.
 
 Each ``on_*`` method answers one decision: ``None`` means the machine's
 usual positive reply, a ``Reply`` is sent as is; either may come in a
-Deferred.
+Deferred. MAIL, RCPT and end of data answer with the plain value when the
+policies and the directory have answered at once, and with a Deferred once
+one of them answers with a Deferred not fired yet (or fails).
 
 Relaying (DESIGN rule 4) is for trusted networks and authenticated users
 (``SessionInfo.user``, set by ``mailsvc.auth``). On a submission listener
@@ -26,6 +28,7 @@ from datetime import datetime, timezone
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mailsvc.delivery import router
 from mailsvc.envelope import Envelope, LocalMailbox, Recipient
@@ -104,6 +107,8 @@ class ReceiverContext:
 
     def is_trusted(self, address: str) -> bool:
         """Whether a client address is in a trusted network (may relay)."""
+        if not self.settings.trusted_networks:
+            return False
         try:
             ip = ipaddress.ip_address(address)
         except ValueError:
@@ -146,25 +151,48 @@ class ReceivingSession:
 
     def on_hello(self, event: ev.Hello):
         """HELO/EHLO: ask the policies; an accepted one starts afresh."""
+        asked = ask(self.context.policies, "helo", self.info, event.name)
+        verdict = _now(asked)
+        if verdict is _PENDING:
+            return asked.addCallback(self._hello_verdict, event)
+        try:
+            return self._hello_verdict(verdict, event)
+        except BaseException:
+            return defer.fail()  # as from the callback it ran in before
 
-        def answered(verdict):
-            if verdict.reply is None:
-                self.info.helo, self.info.extended = event.name, event.extended
-                self._clear()
-            return verdict.reply
-
-        return ask(self.context.policies, "helo", self.info, event.name).addCallback(answered)
+    def _hello_verdict(self, verdict, event: ev.Hello):
+        if verdict.reply is None:
+            self.info.helo, self.info.extended = event.name, event.extended
+            self._clear()
+        return verdict.reply
 
     # ---------------------------------------------------------- transaction
 
-    @defer.inlineCallbacks
     def on_mail(self, event: ev.MailFrom):
         """MAIL FROM: the sender rule of submission, the policies, then remember the sender."""
-        if self.context.settings.require_sender_match and self.info.user is not None:
-            owned = yield self._sender_owned(event.sender)
-            if not owned:
-                return Reply.of(553, "5.7.1", f"<{event.sender}>: sender address not owned by user {self.info.user}")
-        verdict = yield ask(self.context.policies, "mail", self.info, event.sender, event.parameters)
+        try:
+            if self.context.settings.require_sender_match and self.info.user is not None:
+                owned = self._sender_owned(event.sender)
+                if isinstance(owned, defer.Deferred):
+                    return owned.addCallback(self._mail_owned, event)
+                return self._mail_owned(owned, event)
+            return self._mail_asked(event)
+        except BaseException:
+            return defer.fail()
+
+    def _mail_owned(self, owned: bool, event: ev.MailFrom):
+        if not owned:
+            return Reply.of(553, "5.7.1", f"<{event.sender}>: sender address not owned by user {self.info.user}")
+        return self._mail_asked(event)
+
+    def _mail_asked(self, event: ev.MailFrom):
+        asked = ask(self.context.policies, "mail", self.info, event.sender, event.parameters)
+        verdict = _now(asked)
+        if verdict is _PENDING:
+            return asked.addCallback(self._mail_verdict, event)
+        return self._mail_verdict(verdict, event)
+
+    def _mail_verdict(self, verdict, event: ev.MailFrom):
         if verdict.reply is None:
             self._clear()
             self._txn.sender = event.sender
@@ -172,34 +200,59 @@ class ReceivingSession:
             self._txn.parameters = {k: v for k, v in event.parameters.items() if k != "AUTH"}
         return verdict.reply
 
-    @defer.inlineCallbacks
     def _sender_owned(self, sender: str):
         """Whether the authenticated user may send as ``sender``: an address in
         a local domain that the directory delivers to the user's own mailbox
-        (the user's address, or an alias that includes the user)."""
+        (the user's address, or an alias that includes the user). A bool, or
+        a Deferred of it when the directory answers with one."""
         local, at, domain = sender.rpartition("@")
         if not at or not local:
             return False  # <> and bare names are not the user's
-        directory = self.context.directory
-        is_local = yield defer.maybeDeferred(directory.isLocalDomain, domain.lower())
+        is_local = self.context.directory.isLocalDomain(domain.lower())
+        value = _now(is_local)
+        if value is _PENDING:
+            return _later(is_local).addCallback(self._sender_in_local_domain, sender)
+        return self._sender_in_local_domain(value, sender)
+
+    def _sender_in_local_domain(self, is_local, sender: str):
         if not is_local:
             return False
-        mailboxes = yield defer.maybeDeferred(directory.resolve, sender)
+        mailboxes = self.context.directory.resolve(sender)
+        value = _now(mailboxes)
+        if value is _PENDING:
+            return _later(mailboxes).addCallback(self._user_among)
+        return self._user_among(value)
+
+    def _user_among(self, mailboxes) -> bool:
         return any(m.mailbox == self.info.user for m in mailboxes or ())
 
-    @defer.inlineCallbacks
     def on_rcpt(self, event: ev.RcptTo):
         """RCPT TO: a local recipient, a relay by a trusted client, or a refusal."""
-        orcpt = event.parameters.get("ORCPT")
-        # rfc3461 4.2: ORCPT is the address the sender originally used.
-        original = xtext.decode(orcpt.partition(";")[2]) if orcpt else event.recipient
-        recipients = yield router.recipients_for(self.context.directory, event.recipient, original)
+        try:
+            orcpt = event.parameters.get("ORCPT")
+            # rfc3461 4.2: ORCPT is the address the sender originally used.
+            original = xtext.decode(orcpt.partition(";")[2]) if orcpt else event.recipient
+            found = router.find_recipients(self.context.directory, event.recipient, original)
+            recipients = _now(found)
+            if recipients is _PENDING:
+                return found.addCallback(self._rcpt_found, event)
+            return self._rcpt_found(recipients, event)
+        except BaseException:
+            return defer.fail()
+
+    def _rcpt_found(self, recipients, event: ev.RcptTo):
         if recipients is None:
             return Reply.of(550, "5.1.1", f"<{event.recipient}>: no such user here")
         if self.context.router.hop_for(recipients[0]) == router.RELAY and not (self.info.trusted or self.info.user):
             # DESIGN rule 4: no open relay; trusted networks and authenticated users only.
             return Reply.of(550, "5.7.1", f"<{event.recipient}>: relay access denied")
-        verdict = yield ask(self.context.policies, "rcpt", self.info, event.recipient, event.parameters)
+        asked = ask(self.context.policies, "rcpt", self.info, event.recipient, event.parameters)
+        verdict = _now(asked)
+        if verdict is _PENDING:
+            return asked.addCallback(self._rcpt_verdict, event, recipients)
+        return self._rcpt_verdict(verdict, event, recipients)
+
+    def _rcpt_verdict(self, verdict, event: ev.RcptTo, recipients):
         if verdict.reply is not None:
             return verdict.reply
         notify = event.parameters.get("NOTIFY")
@@ -236,30 +289,62 @@ class ReceivingSession:
         except SpoolError as error:
             txn.write_error = error
 
-    @defer.inlineCallbacks
     def on_data_end(self, event: ev.DataEnd):
         """End of data: policies, then commit, then (only then) 250."""
-        txn, self._txn = self._txn, _Transaction()
-        writer = txn.writer
-        if txn.write_error is not None:
-            writer.abort()
-            log.error("spool write failed: {error}", error=txn.write_error)
-            return _spool_reply(txn.write_error)
-        envelope = self._envelope(txn, writer.id)
-        verdict = yield ask(self.context.policies, "endOfData", self.info, envelope)
+        writer = None
+        try:
+            txn, self._txn = self._txn, _Transaction()
+            writer = txn.writer
+            if txn.write_error is not None:
+                writer.abort()
+                log.error("spool write failed: {error}", error=txn.write_error)
+                return _spool_reply(txn.write_error)
+            envelope = self._envelope(txn, writer.id)
+            asked = ask(self.context.policies, "endOfData", self.info, envelope)
+            verdict = _now(asked)
+            if verdict is _PENDING:
+                answer = asked.addCallback(self._data_verdict, event, writer, envelope)
+            else:
+                answer = self._data_verdict(verdict, event, writer, envelope)
+        except BaseException:
+            if writer is not None:
+                writer.abort()  # nothing half-received stays in the spool
+            return defer.fail()
+        if isinstance(answer, defer.Deferred):
+            answer.addErrback(_abort_writer, writer)
+        return answer
+
+    def _data_verdict(self, verdict, event: ev.DataEnd, writer, envelope: Envelope):
+        """The end-of-data verdict: refuse, or start the commit (its answer comes later)."""
         if verdict.reply is not None:
             writer.abort()
             return verdict.reply
-        envelope = envelope.evolve(prepend_headers=envelope.prepend_headers + verdict.headers)
+        if verdict.headers:
+            envelope = envelope.evolve(prepend_headers=envelope.prepend_headers + verdict.headers)
         try:
             routes = self.context.router.routes(envelope.recipients)
             if self.context.run_steps is not None:
-                queued = yield self.context.run_steps(writer.commit_steps(envelope, routes))
+                committing = self.context.run_steps(writer.commit_steps(envelope, routes))
             else:
-                queued = yield self.context.run_blocking(writer.commit, envelope, routes)
+                committing = self.context.run_blocking(writer.commit, envelope, routes)
         except SpoolError as error:
-            log.error("spool commit failed for {id}: {error}", id=writer.id, error=error)
-            return _spool_reply(error)
+            return self._commit_failed(error, writer)
+        if not isinstance(committing, defer.Deferred):
+            return self._committed(committing, event, writer, envelope)
+        return committing.addCallbacks(
+            self._committed, self._commit_errback, callbackArgs=(event, writer, envelope), errbackArgs=(writer,)
+        )
+
+    def _commit_errback(self, failure: Failure, writer):
+        if not failure.check(SpoolError):
+            return failure
+        return self._commit_failed(failure.value, writer)
+
+    def _commit_failed(self, error: SpoolError, writer) -> Reply:
+        log.error("spool commit failed for {id}: {error}", id=writer.id, error=error)
+        return _spool_reply(error)
+
+    def _committed(self, queued, event: ev.DataEnd, writer, envelope: Envelope) -> Reply:
         log.info(
             "accepted id={id} from=<{sender}> to={to} size={size} client=[{client}]",
             id=writer.id,
@@ -389,6 +474,40 @@ def _mailbox_text(mailbox: LocalMailbox) -> str:
 
 def _refusal(verdict) -> Reply | None:
     return verdict.reply
+
+
+_PENDING = object()
+
+
+def _now(result):
+    """The value ``result`` (a plain value or a Deferred) holds now, or
+    ``_PENDING``: a Deferred not fired yet or failed, or a ``Failure``."""
+    if isinstance(result, defer.Deferred):
+        seen: list = []
+
+        def look(value):
+            seen.append(value)
+            return value  # passed on untouched: the Deferred keeps its result
+
+        result.addBoth(look)  # runs at once when the result is there already
+        if seen and not isinstance(seen[0], Failure):
+            return seen[0]
+        return _PENDING
+    if isinstance(result, Failure):
+        return _PENDING
+    return result
+
+
+def _abort_writer(failure: Failure, writer) -> Failure:
+    """A failure at end of data (a policy, the commit): drop the message's
+    files; a no-op once the writer committed or aborted."""
+    writer.abort()
+    return failure
+
+
+def _later(result) -> defer.Deferred:
+    """A Deferred of ``result`` (a Deferred or a ``Failure``), as ``maybeDeferred`` makes it."""
+    return result if isinstance(result, defer.Deferred) else defer.fail(result)
 
 
 def _spool_reply(error: SpoolError) -> Reply:

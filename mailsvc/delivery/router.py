@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from mailsvc.envelope import Recipient
 
@@ -63,8 +64,7 @@ def routes(recipients: Iterable[Recipient]) -> dict[str, tuple[Recipient, ...]]:
     return DEFAULT_ROUTER.routes(recipients)
 
 
-@defer.inlineCallbacks
-def recipients_for(directory, address: str, original: str = ""):
+def recipients_for(directory, address: str, original: str = "") -> defer.Deferred:
     """The envelope recipients that mail to ``address`` becomes.
 
     Fires with a list of local ``Recipient`` (aliases expanded), or
@@ -72,14 +72,53 @@ def recipients_for(directory, address: str, original: str = ""):
     decides whether it may relay), or ``None`` for an unknown local user.
     A bare ``postmaster`` is local (rfc5321 4.1.1.3).
     """
+    try:
+        found = find_recipients(directory, address, original)
+    except BaseException:
+        return defer.fail()
+    return found if isinstance(found, defer.Deferred) else defer.succeed(found)
+
+
+def find_recipients(directory, address: str, original: str = ""):
+    """``recipients_for`` without a Deferred while the directory answers
+    with plain values: the answer itself, or a Deferred of it once a
+    directory call answers with a Deferred (or a ``Failure``). A directory
+    call that raises raises here."""
     original = original or address
     _, at, domain = address.rpartition("@")
     if not at:
         address, domain = "postmaster", ""
     domain = domain.lower().rstrip(".")
-    if domain and not (yield defer.maybeDeferred(directory.isLocalDomain, domain)):
+    if domain:
+        is_local = directory.isLocalDomain(domain)
+        if isinstance(is_local, _LATER):
+            return _deferred(is_local).addCallback(_in_domain, directory, address, original)
+        if not is_local:
+            return [Recipient(address=address, original=original)]
+    return _resolve(directory, address, original)
+
+
+def _in_domain(is_local, directory, address: str, original: str):
+    if not is_local:
         return [Recipient(address=address, original=original)]
-    mailboxes = yield defer.maybeDeferred(directory.resolve, address)
+    return _resolve(directory, address, original)
+
+
+def _resolve(directory, address: str, original: str):
+    mailboxes = directory.resolve(address)
+    if isinstance(mailboxes, _LATER):
+        return _deferred(mailboxes).addCallback(_recipients, original)
+    return _recipients(mailboxes, original)
+
+
+def _recipients(mailboxes, original: str):
     if not mailboxes:
         return None
     return [Recipient(address=m.address, original=original, mailbox=m.mailbox) for m in mailboxes]
+
+
+_LATER = (defer.Deferred, Failure)  # answers that maybeDeferred does not wrap in succeed()
+
+
+def _deferred(answer) -> defer.Deferred:
+    return answer if isinstance(answer, defer.Deferred) else defer.fail(answer)
