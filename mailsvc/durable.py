@@ -66,7 +66,8 @@ def run_steps(steps: Steps[T], fsync: Callable[[int], None] | None = None, synce
     Each ``Flush`` is done at once: its files fsync'd one by one, then its
     directories (by ``syncer.sync``, a ``mailsvc.spool.groupsync.
     DirectorySyncer``, when given: shared with other threads). A failed fsync
-    is thrown into the generator; whatever it raises is raised here.
+    (any exception) is thrown into the generator, so that it cleans up;
+    whatever it raises is raised here.
     """
     error: BaseException | None = None
     while True:
@@ -84,7 +85,7 @@ def run_steps(steps: Steps[T], fsync: Callable[[int], None] | None = None, synce
                 else:
                     for directory in flush.directories:
                         fsync_directory(directory, fsync)
-        except OSError as e:
+        except Exception as e:
             error = e
 
 

@@ -143,29 +143,34 @@ class FlushWorker:
         failures: dict = {}
         files = dict.fromkeys(fd for flush in flushes for fd in flush.files)
         directories = dict.fromkeys(d for flush in flushes for d in flush.directories)
+        # Any exception fails the jobs that named the file or directory (it
+        # is thrown into them, so they clean up); the thread goes on.
         for fd in files:
             try:
                 fsync(fd)
-            except OSError as error:
+            except Exception as error:
                 failures["file", fd] = error
         for directory in directories:
             try:
                 fsync_directory(directory, self._fsync)
-            except OSError as error:
+            except Exception as error:
                 failures["directory", directory] = error
         self.rounds += 1
         self.flushes += len(files) + len(directories)
         return failures
 
 
-def _failure_of(flush: Flush, failures: dict) -> OSError | None:
+def _failure_of(flush: Flush, failures: dict) -> Exception | None:
     """A fresh copy of the first failure among ``flush``'s own files and
-    directories, or None: each job gets its own exception object."""
+    directories, or None: each job gets its own exception object (an error
+    other than an OSError is wrapped in a RuntimeError)."""
     if not failures:
         return None
     for key in [*(("file", fd) for fd in flush.files), *(("directory", d) for d in flush.directories)]:
         error = failures.get(key)
         if error is not None:
+            if not isinstance(error, OSError):
+                return RuntimeError(f"flush failed: {error!r}")
             if error.errno is None:
                 return type(error)(*error.args)
             extra = () if error.filename is None else (error.filename,)

@@ -165,6 +165,27 @@ def test_a_failed_directory_fsync_fails_every_job_that_named_it(reactor, worker,
     assert reactor.run_until(in_b) == str(tmp_path / "b" / "m.done")
 
 
+def test_an_fsync_that_breaks_otherwise_fails_its_job_not_the_thread(reactor, tmp_path):
+    """Not an OSError (a bug below us): the job that named the file gets a
+    RuntimeError thrown in (and cleans up); the worker keeps serving."""
+    fsyncs = Fsyncs()
+    broken = str(tmp_path / "broken")
+    real = fsyncs.__call__
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}") == broken:
+            raise ValueError("not an OSError")
+        real(fd)
+
+    worker = FlushWorker(reactor, fsync)
+    try:
+        with pytest.raises(RuntimeError, match="not an OSError"):
+            reactor.run_until(worker.submit(write_job(broken, b"x", [])))
+        assert reactor.run_until(worker.submit(write_job(str(tmp_path / "ok"), b"y", []))) == str(tmp_path / "ok.done")
+    finally:
+        worker.stop()
+
+
 def test_an_exception_in_a_job_fails_it_and_the_worker_goes_on(reactor, worker, tmp_path):
     def broken():
         yield Flush()

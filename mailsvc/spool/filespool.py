@@ -342,7 +342,10 @@ class SpoolWriter:
             self._file.close()
         except OSError:
             pass
-        self._spool._discard(self._path)
+        try:
+            self._spool._discard(self._path)
+        except FileNotFoundError:
+            pass  # gone already: a commit that failed half-way moved it (recovery sweeps it)
 
 
 # ---------------------------------------------------------------- spool
