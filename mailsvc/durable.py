@@ -10,10 +10,10 @@ driver, which may do it for many callers at once:
 * ``run_steps`` (here) drives one generator in the calling thread: each
   ``Flush`` is done at once (directories through a ``DirectorySyncer`` when
   given one, so concurrent threads still share them). Blocking.
-* ``mailsvc.flushworker.FlushWorker`` drives the steps of every caller in one
-  thread, in rounds: each round advances every job to its next ``Flush``, then
-  fsyncs each file and each directory named in the round once, then resumes
-  the jobs (group commit, as a database does it).
+* ``mailsvc.flushworker.FlushWorker`` advances the steps on the reactor
+  thread and hands their flushes to one thread, in rounds: each round
+  fsyncs each file and each directory named in it once, then the jobs
+  resume (group commit, as a database does it).
 
 A step generator is resumed with ``None`` once its ``Flush`` is done, or has
 the ``OSError`` of a failed fsync of one of *its* files or directories thrown
@@ -36,7 +36,8 @@ _DIRECTORY_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_
 class Flush:
     """What a step waits for: ``files`` (open file descriptors) and
     ``directories`` (paths) flushed to stable storage by fsyncs begun after
-    the ``yield``."""
+    the ``yield``. An empty one only gives other work a turn (a long copy
+    yields one now and then)."""
 
     __slots__ = ("files", "directories")
 

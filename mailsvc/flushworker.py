@@ -1,30 +1,34 @@
-"""One thread for the durable file work of the spool and the Maildir store.
+"""Group commit for the spool and the Maildir store: one thread that only fsyncs.
 
 Jobs are step generators (``mailsvc.durable``): the spool's commit, a Maildir
-delivery, a removal. ``FlushWorker.submit(steps)`` returns a Deferred of the
-job's result. The worker thread runs in rounds:
+delivery. ``FlushWorker.submit(steps)`` returns a Deferred of the job's
+result. The job's own file work (writes, renames, links: page-cache work
+that never waits for the disk) runs on the reactor thread, where the job is
+advanced to each ``Flush`` it yields; the flushes go to one flush thread,
+which runs in rounds:
 
-1. take every job submitted since the last round;
-2. advance each new or resumed job to its next ``Flush`` (its file work:
-   writes, renames, links; a few tens of microseconds);
-3. fsync every file named in the round, then every directory named in the
-   round, each once: one directory fsync serves every job of the round that
-   made an entry there (group commit);
-4. resume those jobs in the next round, with the ``OSError`` of a failed
-   fsync of one of their own files or directories thrown in;
-5. hand the finished jobs' results to the reactor thread with one
-   ``callFromThread`` for the whole round.
+1. take every flush queued since the last round;
+2. fsync each file named in them, then each directory, each once: one
+   directory fsync serves every job of the round that made an entry there
+   (group commit);
+3. hand the whole round back to the reactor thread with one
+   ``callFromThread``; there each job resumes (with the ``OSError`` of a
+   failed fsync of one of *its* files or directories thrown in) up to its
+   next ``Flush`` or its end.
 
 There is no timer: a lone job is never delayed, and batches form while a
-round's fsyncs are in progress. Why one thread and not a pool: with a pool,
-each commit and each delivery was a hand-off to a thread of its own, and the
-threads and the reactor passed the GIL back and forth (about 150 futex calls
-and 110 context switches per message, bench/RESULTS.md); here a round is one
-wake-up and one hand-back, however many jobs it carries.
+round's fsyncs are in progress.
 
-Jobs must not block for long (every job of the round waits for the slowest):
-mailbox stores of third parties, which may block as they like, still run in
-the reactor's thread pool.
+Why so: with a thread per commit and per delivery (the reactor's pool), the
+threads and the reactor passed the GIL back and forth at every system call
+(about 150 futex calls and 110 context switches per message,
+bench/RESULTS.md); a worker thread doing the file work itself waited for the
+GIL at each of its dozen calls per job. The flush thread holds the GIL only
+between two fsyncs, and the reactor thread is woken once per round.
+
+Jobs must not block other than by yielding a ``Flush``: they run on the
+reactor thread. Mailbox stores of third parties, which may block as they
+like, run in the reactor's thread pool instead.
 """
 
 from __future__ import annotations
@@ -36,20 +40,21 @@ from collections.abc import Callable
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from mailsvc.durable import Flush, Steps, call_steps, fsync_directory
+from mailsvc.durable import Flush, Steps, fsync_directory
 
 
 class FlushWorker:
-    """Runs step jobs in one thread, sharing their fsyncs by rounds.
+    """Advances step jobs on the reactor thread; fsyncs their flushes in
+    one thread, by rounds.
 
-    :param reactor: results are delivered on its thread (``callFromThread``).
+    :param reactor: the reactor whose thread calls ``submit`` and resumes
+        the jobs (``callFromThread``).
     :param fsync: called with each file and directory descriptor to flush;
         default ``os.fsync`` (looked up at each call). Tests pass an
         instrumented one.
 
-    ``rounds``, ``jobs`` and ``flushes`` count the rounds that flushed
-    something, the jobs finished and the fsync calls made (for tests and
-    benchmarks: ``jobs / rounds`` is the batch size).
+    ``rounds``, ``jobs`` and ``flushes`` count the rounds run, the jobs
+    finished and the fsync calls made (for tests and benchmarks).
     """
 
     def __init__(self, reactor, fsync: Callable[[int], None] | None = None, *,
@@ -59,7 +64,7 @@ class FlushWorker:
         self._name = name
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
-        self._incoming: list[tuple[Steps, defer.Deferred]] = []
+        self._queued: list[tuple[Steps, defer.Deferred, Flush]] = []
         self._sleeping = False
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -68,32 +73,26 @@ class FlushWorker:
         self.flushes = 0
 
     def submit(self, steps: Steps) -> defer.Deferred:
-        """Run ``steps`` in the worker; a Deferred of its result (or failure).
+        """Run ``steps``; a Deferred of its result (or failure).
 
-        Call from the reactor thread. After ``stop`` the Deferred fails at once.
+        Call from the reactor thread: the job runs there up to its first
+        ``Flush`` before this returns. After ``stop`` the Deferred fails at once.
         """
         d = defer.Deferred()
-        with self._lock:
-            if self._stopping:
-                steps.close()
-                d.errback(RuntimeError("the flush worker is stopped"))
-                return d
-            self._incoming.append((steps, d))
-            if self._sleeping:
-                self._work.notify()
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-                self._thread.start()
+        if self._stopping:
+            steps.close()
+            d.errback(RuntimeError("the flush worker is stopped"))
+            return d
+        self._advance([(steps, d, None)])
         return d
 
     def run(self, f: Callable, *args) -> defer.Deferred:
-        """``submit`` a plain, short blocking call ``f(*args)``."""
-        return self.submit(call_steps(f, *args))
+        """A plain short call ``f(*args)``: on the reactor thread, at once."""
+        return defer.maybeDeferred(f, *args)
 
     def stop(self, timeout: float | None = 30.0) -> None:
-        """Finish the jobs submitted so far, then end the thread (blocking:
-        waits at most ``timeout`` seconds). Results of jobs finished meanwhile
-        are still handed to the reactor (they fire if it still runs)."""
+        """Finish the flushes queued so far, then end the thread (blocking:
+        waits at most ``timeout`` seconds). Jobs resumed after that fail."""
         with self._lock:
             self._stopping = True
             self._work.notify()
@@ -101,40 +100,61 @@ class FlushWorker:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
-    # ---------------------------------------------------------- the thread
+    # ---------------------------------------------------------- reactor thread
+
+    def _advance(self, jobs: list[tuple[Steps, defer.Deferred, BaseException | None]]) -> None:
+        """Run each job to its next ``Flush`` (queued) or its end (fired)."""
+        flushes = []
+        finished = []
+        for steps, d, error in jobs:
+            try:
+                flush = steps.send(None) if error is None else steps.throw(error)
+            except StopIteration as done:
+                finished.append((d, done.value))
+            except BaseException:
+                finished.append((d, Failure()))
+            else:
+                flushes.append((steps, d, flush))
+        if flushes:
+            with self._lock:
+                stopped = self._stopping
+                if not stopped:
+                    self._queued.extend(flushes)
+                    if self._sleeping:
+                        self._work.notify()
+                    if self._thread is None:
+                        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                        self._thread.start()
+            if stopped:
+                for steps, d, _ in flushes:
+                    steps.close()
+                    finished.append((d, Failure(RuntimeError("the flush worker is stopped"))))
+        self.jobs += len(finished)
+        for d, result in finished:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+
+    def _resume(self, batch: list, failures: dict) -> None:
+        """On the reactor thread: a round is done; resume its jobs."""
+        self._advance([(steps, d, _failure_of(flush, failures)) for steps, d, flush in batch])
+
+    # ---------------------------------------------------------- flush thread
 
     def _run(self) -> None:
-        runnable: list[tuple[Steps, defer.Deferred, BaseException | None]] = []
         while True:
             with self._lock:
-                while not self._incoming and not runnable and not self._stopping:
+                while not self._queued and not self._stopping:
                     self._sleeping = True
                     self._work.wait()
                 self._sleeping = False
-                if not self._incoming and not runnable:
+                if not self._queued:
                     self._thread = None
                     return  # stopping, and nothing left
-                incoming, self._incoming = self._incoming, []
-            runnable.extend((steps, d, None) for steps, d in incoming)
-            waiting: list[tuple[Steps, defer.Deferred, Flush]] = []
-            finished: list[tuple[defer.Deferred, object]] = []
-            for steps, d, error in runnable:
-                try:
-                    flush = steps.send(None) if error is None else steps.throw(error)
-                except StopIteration as done:
-                    finished.append((d, done.value))
-                except BaseException:
-                    finished.append((d, Failure()))
-                else:
-                    waiting.append((steps, d, flush))
-            runnable = []
-            if waiting:
-                failures = self._flush([flush for _, _, flush in waiting])
-                for steps, d, flush in waiting:
-                    runnable.append((steps, d, _failure_of(flush, failures)))
-            if finished:
-                self.jobs += len(finished)
-                self._reactor.callFromThread(_fire, finished)
+                batch, self._queued = self._queued, []
+            failures = self._flush([flush for _, _, flush in batch])
+            self._reactor.callFromThread(self._resume, batch, failures)
 
     def _flush(self, flushes: list[Flush]) -> dict:
         """fsync every file, then every directory of ``flushes``, each once;
@@ -176,13 +196,3 @@ def _failure_of(flush: Flush, failures: dict) -> Exception | None:
             extra = () if error.filename is None else (error.filename,)
             return type(error)(error.errno, error.strerror, *extra)
     return None
-
-
-def _fire(finished: list[tuple[defer.Deferred, object]]) -> None:
-    """On the reactor thread: the results of one round."""
-    for d, result in finished:
-        if isinstance(result, Failure):
-            d.errback(result)
-        else:
-            d.callback(result)
-

@@ -52,11 +52,12 @@ class IFlushingMailboxStore(IMailboxStore):
     """A store whose deliveries can share fsyncs with the spool's commits
     and with each other (group commit; ``mailsvc.durable``).
 
-    The local delivery agent runs ``deliverSteps`` in the server's flush
-    worker (``mailsvc.flushworker``), one thread for every such job, instead
-    of ``deliver`` in a thread of its own. The steps must never block for
-    long, other than by yielding a ``Flush``: every job of the worker waits
-    meanwhile. A store that may block (locks, network) implements only
+    The local delivery agent runs ``deliverSteps`` through the server's
+    flush worker (``mailsvc.flushworker``) instead of ``deliver`` in a thread
+    of its own: the steps run on the reactor thread, and their fsyncs are
+    done in one thread, shared. So the steps must never block, other than
+    by yielding a ``Flush``, and a long copy should yield an empty ``Flush``
+    now and then. A store that may block (locks, network) implements only
     ``IMailboxStore``.
     """
 

@@ -44,9 +44,9 @@ class QueueRunner:
         ``f(*args)``; the spool's blocking calls go through it. Default: call
         in the reactor thread. Production may pass a thread-pool runner.
     :param run_short: the same, for the spool's short calls that never wait
-        for the disk (``remove``); default ``run_blocking``. Production
-        passes the flush worker (``mailsvc.flushworker``), which runs them
-        between its rounds at no thread hand-off of their own.
+        for the disk (``remove``: renames, no fsync); default
+        ``run_blocking``. Production passes the flush worker's ``run``
+        (``mailsvc.flushworker``): on the reactor thread, no hand-off.
 
     A delivery in flight covers the agent's work and the spool update after
     it; the same ``(hop, id)`` is never in flight twice.

@@ -37,6 +37,8 @@ from mailsvc.spool.groupsync import DirectorySyncer
 from mailsvc.store.maildir_access import MaildirSession
 
 _SUBDIRS = ("tmp", "new", "cur")
+# Octets copied between two turns given to other work (deliverSteps).
+_TURN_EVERY = 1024 * 1024
 # Errors of link(2) on file systems without hard links: fall back to rename(2).
 _NO_LINK_ERRNOS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK})
 
@@ -113,7 +115,9 @@ class MaildirStore:
 
     def deliverSteps(self, mailbox: str, headers: Sequence[str], source: BinaryIO) -> Steps[str]:
         """``IFlushingMailboxStore``: ``deliver`` as steps (``mailsvc.durable``),
-        so that a ``FlushWorker`` shares fsyncs among deliveries."""
+        so that a ``FlushWorker`` shares fsyncs among deliveries. A big
+        message yields an empty ``Flush`` after each MB copied: the steps
+        run on the reactor thread, and other sessions get their turn."""
         checkMailboxName(mailbox)
         head = headerBytes(headers)
         maildir = os.path.join(self.path, mailbox)
@@ -135,8 +139,13 @@ class MaildirStore:
             created = True
             try:
                 writeAll(fd, head)
+                copied = 0
                 for chunk in lfChunks(source):
                     writeAll(fd, chunk)
+                    copied += len(chunk)
+                    if copied >= _TURN_EVERY:
+                        copied = 0
+                        yield Flush()  # a big message: the other work gets a turn
                 yield Flush(files=(fd,))
             finally:
                 os.close(fd)
