@@ -19,6 +19,7 @@ user's own addresses and a missing ``Date:`` or ``Message-ID:`` is added.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import time
 from collections.abc import Callable, Sequence
@@ -464,8 +465,13 @@ def received_header(
     if len(recipients) == 1:
         # rfc5321 4.4: "for" names a single recipient only, to keep lists private.
         parts.append(f"for <{recipients[0].original or recipients[0].address}>")
-    date = format_datetime(datetime.fromtimestamp(now, timezone.utc))
-    return " ".join(parts) + f"; {date}"
+    return " ".join(parts) + f"; {_date(int(now))}"
+
+
+@functools.lru_cache(maxsize=4)
+def _date(seconds: int) -> str:
+    """The rfc5322 3.3 date of a time in whole seconds (made once a second)."""
+    return format_datetime(datetime.fromtimestamp(seconds, timezone.utc))
 
 
 def _mailbox_text(mailbox: LocalMailbox) -> str:

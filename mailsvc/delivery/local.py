@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailsvc.envelope import QueuedMessage, RecipientState
@@ -42,46 +43,51 @@ class LocalDeliveryAgent:
         self._log = log or Logger(namespace="mailsvc.delivery.local")
 
     def deliver(self, message: QueuedMessage) -> defer.Deferred:
-        """Deliver to every PENDING recipient; never errbacks per recipient.
+        """Deliver to every PENDING recipient, one after the other; never
+        errbacks per recipient.
 
         :return: a Deferred firing with ``{address: None | DeliveryError}``.
         """
-        return defer.Deferred.fromCoroutine(self._deliver_all(message))
-
-    async def _deliver_all(self, message: QueuedMessage) -> dict:
         results: dict[str, DeliveryError | None] = {}
+        d = defer.succeed(None)
         for recipient in message.envelope.recipients:
             if recipient.state is not RecipientState.PENDING or recipient.address in results:
                 continue
-            results[recipient.address] = await self._deliver_one(message, recipient)
-        return results
+            results[recipient.address] = None  # a place in order; filled below
+            d.addCallback(lambda _, r=recipient: self._deliver_one(message, r))
+            d.addCallback(lambda error, address=recipient.address: results.__setitem__(address, error))
+        return d.addCallback(lambda _: results)
 
-    async def _deliver_one(self, message: QueuedMessage, recipient) -> DeliveryError | None:
+    def _deliver_one(self, message: QueuedMessage, recipient) -> defer.Deferred:
+        """A Deferred of None (delivered) or the ``DeliveryError``; never errbacks."""
         if not recipient.mailbox:
-            return PermanentDeliveryError(f"no local mailbox for <{recipient.address}>", "5.1.1")
+            return defer.succeed(PermanentDeliveryError(f"no local mailbox for <{recipient.address}>", "5.1.1"))
         # rfc5321 4.4: the final delivery adds Return-Path with the reverse-path.
         headers = [
             f"Return-Path: <{message.envelope.sender}>",
             f"Delivered-To: {recipient.address}",
         ]
-        try:
-            if self._run_steps is not None:
-                await self._run_steps(self._store_copy_steps(message, recipient.mailbox, headers))
-            else:
-                await self._run_blocking(self._store_copy, message, recipient.mailbox, headers)
-        except DeliveryError as e:
-            return e
-        except OSError as e:
-            status = "4.3.1" if e.errno in _FULL else "4.3.0"
-            return TemporaryDeliveryError(f"cannot store in mailbox {recipient.mailbox}: {e}", status)
-        except Exception as e:
-            self._log.failure(
-                "local delivery of id={id} to <{to}> failed unexpectedly",
-                id=message.id,
-                to=recipient.address,
-            )
-            return TemporaryDeliveryError(f"internal error: {e.__class__.__name__}: {e}", "4.3.0")
-        return None  # the queue runner logs the delivery
+        if self._run_steps is not None:
+            d = self._run_steps(self._store_copy_steps(message, recipient.mailbox, headers))
+        else:
+            d = self._run_blocking(self._store_copy, message, recipient.mailbox, headers)
+        # None: the queue runner logs the delivery
+        return d.addCallbacks(lambda _: None, self._failed, errbackArgs=(message, recipient))
+
+    def _failed(self, failure: Failure, message: QueuedMessage, recipient) -> DeliveryError:
+        error = failure.value
+        if isinstance(error, DeliveryError):
+            return error
+        if isinstance(error, OSError):
+            status = "4.3.1" if error.errno in _FULL else "4.3.0"
+            return TemporaryDeliveryError(f"cannot store in mailbox {recipient.mailbox}: {error}", status)
+        self._log.failure(
+            "local delivery of id={id} to <{to}> failed unexpectedly",
+            failure,
+            id=message.id,
+            to=recipient.address,
+        )
+        return TemporaryDeliveryError(f"internal error: {error.__class__.__name__}: {error}", "4.3.0")
 
     def _store_copy(self, message: QueuedMessage, mailbox: str, headers: list[str]):
         """Blocking: read the message from the spool into the store."""
