@@ -7,14 +7,15 @@ that never waits for the disk) runs on the reactor thread, where the job is
 advanced to each ``Flush`` it yields; the flushes go to one flush thread,
 which runs in rounds:
 
-1. take every flush queued since the last round;
-2. fsync each file named in them, then each directory, each once: one
-   directory fsync serves every job of the round that made an entry there
-   (group commit);
+1. take every request queued since the last round;
+2. open the files asked for (``OpenFile``: making a file allocates an
+   inode, which may take a while), then fsync each file named in the
+   flushes, then each directory, each once: one directory fsync serves
+   every job of the round that made an entry there (group commit);
 3. hand the whole round back to the reactor thread with one
    ``callFromThread``; there each job resumes (with the ``OSError`` of a
-   failed fsync of one of *its* files or directories thrown in) up to its
-   next ``Flush`` or its end.
+   failed fsync of one of *its* files or directories thrown in, or with the
+   descriptor it asked for) up to its next request or its end.
 
 There is no timer: a lone job is never delayed, and batches form while a
 round's fsyncs are in progress.
@@ -26,7 +27,7 @@ bench/RESULTS.md); a worker thread doing the file work itself waited for the
 GIL at each of its dozen calls per job. The flush thread holds the GIL only
 between two fsyncs, and the reactor thread is woken once per round.
 
-Jobs must not block other than by yielding a ``Flush``: they run on the
+Jobs must not block other than by yielding a request: they run on the
 reactor thread. Mailbox stores of third parties, which may block as they
 like, run in the reactor's thread pool instead.
 """
@@ -40,7 +41,7 @@ from collections.abc import Callable
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from mailsvc.durable import Flush, Steps, fsync_directory
+from mailsvc.durable import Flush, OpenFile, Steps, fsync_directory
 
 
 class FlushWorker:
@@ -83,7 +84,7 @@ class FlushWorker:
             steps.close()
             d.errback(RuntimeError("the flush worker is stopped"))
             return d
-        self._advance([(steps, d, None)])
+        self._advance([(steps, d, None, None)])
         return d
 
     def run(self, f: Callable, *args) -> defer.Deferred:
@@ -102,13 +103,14 @@ class FlushWorker:
 
     # ---------------------------------------------------------- reactor thread
 
-    def _advance(self, jobs: list[tuple[Steps, defer.Deferred, BaseException | None]]) -> None:
-        """Run each job to its next ``Flush`` (queued) or its end (fired)."""
+    def _advance(self, jobs: list[tuple[Steps, defer.Deferred, object, BaseException | None]]) -> None:
+        """Resume each job (with a value, or an error thrown in) and run it to
+        its next request, ``Flush`` or ``OpenFile`` (queued), or its end (fired)."""
         flushes = []
         finished = []
-        for steps, d, error in jobs:
+        for steps, d, value, error in jobs:
             try:
-                flush = steps.send(None) if error is None else steps.throw(error)
+                flush = steps.send(value) if error is None else steps.throw(error)
             except StopIteration as done:
                 finished.append((d, done.value))
             except BaseException:
@@ -136,9 +138,9 @@ class FlushWorker:
             else:
                 d.callback(result)
 
-    def _resume(self, batch: list, failures: dict) -> None:
+    def _resume(self, batch: list, outcomes: list) -> None:
         """On the reactor thread: a round is done; resume its jobs."""
-        self._advance([(steps, d, _failure_of(flush, failures)) for steps, d, flush in batch])
+        self._advance([(steps, d, value, error) for (steps, d, _), (value, error) in zip(batch, outcomes)])
 
     # ---------------------------------------------------------- flush thread
 
@@ -153,8 +155,28 @@ class FlushWorker:
                     self._thread = None
                     return  # stopping, and nothing left
                 batch, self._queued = self._queued, []
-            failures = self._flush([flush for _, _, flush in batch])
-            self._reactor.callFromThread(self._resume, batch, failures)
+            outcomes = self._round([request for _, _, request in batch])
+            self._reactor.callFromThread(self._resume, batch, outcomes)
+
+    def _round(self, requests: list) -> list[tuple[object, BaseException | None]]:
+        """Do the opens, then the flushes of one round; for each request,
+        what its job is resumed with: ``(value, None)`` or ``(None, error)``."""
+        outcomes: list = [(None, None)] * len(requests)
+        flushes = []
+        for index, request in enumerate(requests):
+            if isinstance(request, OpenFile):
+                try:
+                    outcomes[index] = (os.open(request.path, request.flags, request.mode), None)
+                except Exception as error:
+                    outcomes[index] = (None, error)
+            else:
+                flushes.append((index, request))
+        if flushes:
+            failures = self._flush([flush for _, flush in flushes])
+            for index, flush in flushes:
+                outcomes[index] = (None, _failure_of(flush, failures))
+        self.rounds += 1
+        return outcomes
 
     def _flush(self, flushes: list[Flush]) -> dict:
         """fsync every file, then every directory of ``flushes``, each once;
@@ -175,7 +197,6 @@ class FlushWorker:
                 fsync_directory(directory, self._fsync)
             except Exception as error:
                 failures["directory", directory] = error
-        self.rounds += 1
         self.flushes += len(files) + len(directories)
         return failures
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from twisted.internet import defer
 
-from mailsvc.durable import Flush, run_steps
+from mailsvc.durable import Flush, OpenFile, run_steps
 from mailsvc.flushworker import FlushWorker
 from mailsvc.spool import FileSpool
 from mailsvc.store.maildir import MaildirStore
@@ -222,6 +222,35 @@ def test_stop_finishes_queued_flushes_then_fails_what_comes_after(reactor, tmp_p
     assert not (tmp_path / "late").exists()
 
 
+def open_job(path):
+    """Steps: have the driver make a file, write to it; (fd was given, error)."""
+    try:
+        fd = yield OpenFile(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    except FileNotFoundError as error:
+        return ("no directory", error.filename)
+    try:
+        os.write(fd, b"made by the driver")
+        yield Flush(files=[fd])
+    finally:
+        os.close(fd)
+    return ("written", path)
+
+
+def test_the_driver_makes_the_files_a_job_asks_for(reactor, worker, tmp_path):
+    """OpenFile: the flush thread opens the file (making one can be slow) and
+    the job gets the descriptor back; a failed open is thrown into the job."""
+    path = str(tmp_path / "made")
+    assert reactor.run_until(worker.submit(open_job(path))) == ("written", path)
+    assert Path(path).read_bytes() == b"made by the driver"
+    assert os.stat(path).st_mode & 0o777 == 0o640
+    missing = str(tmp_path / "nowhere" / "x")
+    assert reactor.run_until(worker.submit(open_job(missing))) == ("no directory", missing)
+    # and the same steps driven in the calling thread
+    other = str(tmp_path / "other")
+    assert run_steps(open_job(other)) == ("written", other)
+    assert run_steps(open_job(missing)) == ("no directory", missing)
+
+
 def test_run_steps_drives_a_job_in_the_calling_thread(tmp_path):
     fsyncs = Fsyncs()
     assert run_steps(write_job(str(tmp_path / "a"), b"x", []), fsyncs) == str(tmp_path / "a.done")
@@ -292,13 +321,20 @@ def test_a_big_maildir_delivery_gives_other_work_turns(tmp_path):
     body += (b"y" * 998 + b"\r\n") * 3100  # ~3 MB
     steps = store.deliverSteps("bob", ["Delivered-To: bob"], io.BytesIO(body))
     kinds = []
-    flush = next(steps)
+    request = next(steps)
     try:
         while True:
+            if isinstance(request, OpenFile):  # the file is made by the driver
+                kinds.append("open")
+                request = steps.send(os.open(request.path, request.flags, request.mode))
+                continue
+            flush = request
             kinds.append("turn" if not (flush.files or flush.directories) else "files" if flush.files else "dirs")
-            flush = steps.send(None)
+            request = steps.send(None)
     except StopIteration as done:
         path = done.value
+    # the new maildir's directories flushed, its file made, turns, the file, new/
+    assert kinds[:2] == ["dirs", "open"]
     assert kinds.count("turn") >= 2 and kinds[-2:] == ["files", "dirs"]
     assert "turn" not in kinds[-2:]
     assert Path(path).read_bytes() == b"Delivered-To: bob\n" + body.replace(b"\r\n", b"\n")

@@ -21,13 +21,12 @@ from typing import BinaryIO
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from mailsvc.durable import Flush, Steps, run_steps
+from mailsvc.durable import Flush, OpenFile, Steps, run_steps
 from mailsvc.errors import PermanentDeliveryError
 from mailsvc.interfaces import IFlushingMailboxStore, IMailboxAccess, IMailboxStoreFactory
 from mailsvc.store import (
     checkMailboxName,
     deliveryErrorFor,
-    fsyncDirectory,
     headerBytes,
     lfChunks,
     storePath,
@@ -122,7 +121,7 @@ class MaildirStore:
         head = headerBytes(headers)
         maildir = os.path.join(self.path, mailbox)
         if maildir not in _madeMaildirs:
-            self._createOrFail(maildir)
+            yield from self._createOrFail(maildir)
         name = uniqueName(self.hostname)
         tmpPath = os.path.join(maildir, "tmp", name)
         newDir = os.path.join(maildir, "new")
@@ -130,12 +129,14 @@ class MaildirStore:
         created = linked = False
         try:
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            # Making the file allocates an inode: the driver does it (a flush
+            # worker, in its own thread: it can take a while).
             try:
-                fd = os.open(tmpPath, flags, 0o600)
+                fd = yield OpenFile(tmpPath, flags, 0o600)
             except FileNotFoundError:  # removed since we made it: make it again
                 _madeMaildirs.discard(maildir)
-                self._createOrFail(maildir)
-                fd = os.open(tmpPath, flags, 0o600)
+                yield from self._createOrFail(maildir)
+                fd = yield OpenFile(tmpPath, flags, 0o600)
             created = True
             try:
                 writeAll(fd, head)
@@ -164,27 +165,30 @@ class MaildirStore:
                 _removeQuietly(tmpPath)
         return newPath
 
-    def _createOrFail(self, maildir: str) -> None:
-        """``_create``, then remember ``maildir``; a DeliveryError if it cannot be made."""
+    def _createOrFail(self, maildir: str) -> Steps[None]:
+        """Make ``maildir`` and its ``tmp/ new/ cur/`` (mode 0700) if missing,
+        and flush the new entries (they must survive a crash as much as the
+        message); then remember it. A DeliveryError if it cannot be made."""
         try:
-            self._create(maildir)
+            made = self._makeDirectories(maildir)
+            if made:
+                yield Flush(directories=(maildir, self.path))
         except OSError as e:
             raise deliveryErrorFor(e, f"cannot create maildir {maildir}") from e
         _madeMaildirs.add(maildir)
 
-    def _create(self, maildir: str) -> None:
-        """Make ``maildir`` and its ``tmp/ new/ cur/`` (mode 0700) if missing."""
+    def _makeDirectories(self, maildir: str) -> bool:
+        """Make what is missing of ``maildir`` and its subdirectories; True
+        if anything was missing."""
         if all(os.path.isdir(os.path.join(maildir, sub)) for sub in _SUBDIRS):
-            return
+            return False
         os.makedirs(self.path, mode=0o700, exist_ok=True)
         for directory in (maildir,) + tuple(os.path.join(maildir, sub) for sub in _SUBDIRS):
             try:
                 os.mkdir(directory, 0o700)
             except FileExistsError:
                 pass
-        # The new directories must survive a crash as much as the message.
-        fsyncDirectory(maildir)
-        fsyncDirectory(self.path)
+        return True
 
     @staticmethod
     def _link(tmpPath: str, newPath: str) -> None:
