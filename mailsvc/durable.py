@@ -117,9 +117,3 @@ def run_steps(steps: Steps[T], fsync: Callable[[int], None] | None = None, synce
         except Exception as e:
             error = e
 
-
-def call_steps(f: Callable[..., T], *args) -> Steps[T]:
-    """``f(*args)`` as steps that need no flush: a plain short call for a
-    ``FlushWorker`` (it must not block for long: every other job waits)."""
-    return f(*args)
-    yield  # a generator: never reached

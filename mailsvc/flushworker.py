@@ -87,10 +87,6 @@ class FlushWorker:
         self._advance([(steps, d, None, None)])
         return d
 
-    def run(self, f: Callable, *args) -> defer.Deferred:
-        """A plain short call ``f(*args)``: on the reactor thread, at once."""
-        return defer.maybeDeferred(f, *args)
-
     def stop(self, timeout: float | None = 30.0) -> None:
         """Finish the flushes queued so far, then end the thread (blocking:
         waits at most ``timeout`` seconds). Jobs resumed after that fail."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 
 from twisted.application import service
-from twisted.internet import threads
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.plugin import getPlugins
 from twisted.python import usage
@@ -175,7 +175,7 @@ def build(cfg: configuration.Config, reactor) -> service.MultiService:
         reporter=bouncer.report,
         delay_warning_after=cfg.relay.delay_warning_after,
         on_demand_hops=hold_agent.hops,
-        run_short=flusher.run,
+        run_short=defer.maybeDeferred,  # removal: renames, no fsync; on the reactor thread
     )
     context = ReceiverContext(
         settings=ReceiverSettings.from_config(cfg),

@@ -195,7 +195,7 @@ def test_an_exception_in_a_job_fails_it_and_the_worker_goes_on(reactor, worker, 
     d = worker.submit(broken())
     with pytest.raises(ValueError, match="broken job"):
         reactor.run_until(d)
-    assert reactor.run_until(worker.run(lambda a, b: a + b, 2, 3)) == 5
+    assert reactor.run_until(worker.submit(write_job(str(tmp_path / "after"), b"x", []))) == str(tmp_path / "after.done")
 
 
 def test_stop_finishes_queued_flushes_then_fails_what_comes_after(reactor, tmp_path):

@@ -45,8 +45,8 @@ class QueueRunner:
         in the reactor thread. Production may pass a thread-pool runner.
     :param run_short: the same, for the spool's short calls that never wait
         for the disk (``remove``: renames, no fsync); default
-        ``run_blocking``. Production passes the flush worker's ``run``
-        (``mailsvc.flushworker``): on the reactor thread, no hand-off.
+        ``run_blocking``. Production calls them on the reactor thread
+        (``maybeDeferred``): no hand-off to a thread.
 
     A delivery in flight covers the agent's work and the spool update after
     it; the same ``(hop, id)`` is never in flight twice.
