@@ -17,9 +17,10 @@ The certificate is made on first start when ``[tls] generate_self_signed``.
 from __future__ import annotations
 
 import dataclasses
+import sys
 
-from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import endpoints
+from twisted.application import service, strports
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -34,6 +35,35 @@ from mailsvc.receiver import ReceiverContext
 from mailsvc.smtp.server import ServerSettings
 
 log = Logger(namespace="mailsvc.listeners")
+
+EX_OSERR = 71  # sysexits.h: a port that cannot be opened
+
+
+class Listener(service.MultiService):
+    """One listening port of the config (``key``, e.g. ``[smtp] listen[0]``).
+
+    A port that cannot be opened at start (in use, no permission) stops
+    start-up with one line naming the key and the reason, and exit status 71,
+    as Postfix's master does: a mail server running without its port would
+    only look alive. (Twisted's default logs the error and runs on.)
+    """
+
+    def __init__(self, reactor, description: str, factory, key: str) -> None:
+        super().__init__()
+        self.key = key
+        self.description = description
+        # strports.service: the listen error is raised at start, not logged.
+        strports.service(description, factory, reactor=reactor).setServiceParent(self)
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as error:
+            reason = getattr(error.socketError, "strerror", None) or str(error.socketError)
+            line = f"mailsvc: {self.key}: cannot listen on {self.description}: {reason}"
+            log.critical("{line}", line=line)
+            sys.__stderr__.write(line + "\n")
+            raise SystemExit(EX_OSERR)
 
 
 def tls_context(cfg: configuration.Config) -> tls.ServerTLSContext:
@@ -147,13 +177,13 @@ def smtp_listeners(cfg: configuration.Config, reactor, context: ReceiverContext,
         **common,
     )
     services = []
-    for description in smtp.listen:
-        services.append(StreamServerEndpointService(endpoints.serverFromString(reactor, description), mx))
-    for description in submission.listen:
-        services.append(StreamServerEndpointService(endpoints.serverFromString(reactor, description), starttls))
-    for description in submission.listen_implicit_tls:
+    for i, description in enumerate(smtp.listen):
+        services.append(Listener(reactor, description, mx, f"[smtp] listen[{i}]"))
+    for i, description in enumerate(submission.listen):
+        services.append(Listener(reactor, description, starttls, f"[submission] listen[{i}]"))
+    for i, description in enumerate(submission.listen_implicit_tls):
         wrapped = TLSMemoryBIOFactory(context_tls, False, implicit)  # rfc8314 3.3: TLS first
-        services.append(StreamServerEndpointService(endpoints.serverFromString(reactor, description), wrapped))
+        services.append(Listener(reactor, description, wrapped, f"[submission] listen_implicit_tls[{i}]"))
     if odmr_listen:
         # rfc2645: EHLO, AUTH (CRAM-MD5 before TLS when allowed), ATRN, QUIT; the rest 502.
         odmr_settings = dataclasses.replace(
@@ -161,6 +191,6 @@ def smtp_listeners(cfg: configuration.Config, reactor, context: ReceiverContext,
             challenge_auth_without_tls=cfg.atrn.challenge_auth_without_tls, chunking=False,
         )
         odmr = SMTPServerFactory(context, odmr_settings, tls=context_tls, authenticator=auth, **common)
-        for description in odmr_listen:
-            services.append(StreamServerEndpointService(endpoints.serverFromString(reactor, description), odmr))
+        for i, description in enumerate(odmr_listen):
+            services.append(Listener(reactor, description, odmr, f"[atrn] listen[{i}]"))
     return mx, services

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import signal
 import smtplib
+import socket
 import subprocess
 
 import pytest
@@ -58,6 +59,33 @@ def test_bad_config_stops_startup(tmp_path, options, key):
     assert [line for line in server.stderr().splitlines() if line.strip()] == naming, server.stderr()
     assert "Traceback" not in server.stderr() + server.log()
     assert f"starting on {server.port}" not in server.log()
+
+
+@pytest.mark.parametrize("which", ["smtp", "submission"])
+def test_a_port_in_use_stops_startup(tmp_path, which):
+    """A listening port that is taken: twistd exits (status 71, EX_OSERR)
+    with one line naming the config key and the reason, instead of running
+    without its port while looking alive."""
+    server = RealServer(tmp_path / "server")
+    port = server.port if which == "smtp" else server.submission_port
+    key = "[smtp] listen[0]" if which == "smtp" else "[submission] listen[0]"
+    squatter = socket.socket()
+    try:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen(1)
+        server.launch()
+        try:
+            status = server.wait_exit(timeout=30)
+        finally:
+            server.stop()
+    finally:
+        squatter.close()
+    assert status == 71, server.tail()
+    lines = [line for line in server.stderr().splitlines() if key in line]
+    assert len(lines) == 1, server.stderr()
+    assert lines[0].startswith(f"mailsvc: {key}: cannot listen on tcp:{port}")
+    assert "in use" in lines[0]
 
 
 def test_sigterm_says_421_to_connected_clients(real_server):

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.cred.portal import Portal
-from twisted.internet import endpoints
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -15,7 +13,7 @@ from mailsvc.auth import Authenticator
 from mailsvc.errors import ConfigError
 from mailsvc.interfaces import IMailboxAccess
 from mailsvc.limits import ClientConnections
-from mailsvc.listeners import authenticator, tls_context
+from mailsvc.listeners import Listener, authenticator, tls_context
 from mailsvc.pop3.mailbox import MailboxRealm
 from mailsvc.pop3.server import TOO_MANY_CONNECTIONS, TOO_MANY_FROM_CLIENT, POP3Server
 
@@ -141,10 +139,10 @@ def pop3_listeners(cfg, reactor, store, run_blocking: Callable) -> list:
     )
     services = []
     stls = POP3Factory(auth, tls=context, **common)
-    for description in settings.listen:
-        services.append(StreamServerEndpointService(endpoints.serverFromString(reactor, description), stls))
+    for i, description in enumerate(settings.listen):
+        services.append(Listener(reactor, description, stls, f"[pop3] listen[{i}]"))
     implicit = POP3Factory(auth, implicit_tls=True, **common)
-    for description in settings.listen_implicit_tls:
+    for i, description in enumerate(settings.listen_implicit_tls):
         wrapped = TLSMemoryBIOFactory(context, False, implicit)  # rfc8314 3.3: TLS first
-        services.append(StreamServerEndpointService(endpoints.serverFromString(reactor, description), wrapped))
+        services.append(Listener(reactor, description, wrapped, f"[pop3] listen_implicit_tls[{i}]"))
     return services
