@@ -65,7 +65,7 @@ class FlushWorker:
         self._name = name
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
-        self._queued: list[tuple[Steps, defer.Deferred, Flush]] = []
+        self._queued: list[tuple[Steps, defer.Deferred, Flush | OpenFile]] = []
         self._sleeping = False
         self._stopping = False
         self._thread: threading.Thread | None = None

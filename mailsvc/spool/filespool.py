@@ -24,11 +24,14 @@ responsibility for the message, so ``commit`` returns only when data,
 control and directory entries are fsync'd; a crash at any moment leaves the
 message either committed whole or not at all (``recover`` sweeps the rest).
 
-Group commit: each commit fsyncs its own data and control files, but the
-fsyncs of the hop directories are shared by the commits in flight at the
-same moment (``mailsvc.spool.groupsync``): a commit waits for a directory
-fsync begun after its renames, and one such fsync serves every commit
-waiting then. ``update`` shares them too.
+Group commit: the commit is written as steps (``SpoolWriter.commit_steps``,
+``mailsvc.durable``) that yield what must be on disk. The server runs them
+through its flush worker (``mailsvc.flushworker``), where one fsync of a
+directory serves every commit of the round; ``commit`` drives the same steps
+in the calling thread, where the directory fsyncs are shared by the threads
+committing at the same moment (``mailsvc.spool.groupsync``; ``update``
+shares them too). Either way a commit waits for a directory fsync begun
+after its renames.
 
 ``remove`` (every recipient done) does not fsync the directory: a crash
 soon after may bring the message back, and it is delivered again. That is
@@ -60,7 +63,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from zope.interface import implementer
 
-from mailsvc.durable import Flush, Steps, run_steps
+from mailsvc.durable import Flush, Steps, fsync_directory, run_steps
 from mailsvc.envelope import Envelope, QueuedMessage, Recipient
 from mailsvc.errors import SpoolError
 from mailsvc.interfaces import IMessageWriter, ISpool
@@ -125,14 +128,6 @@ def _check_id(id: str) -> str:
 
 def _spool_error(text: str, error: OSError) -> SpoolError:
     return SpoolError(f"{text}: {error}", temporary_full=error.errno in _FULL)
-
-
-def _fsync_dir(path: pathlib.Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_file(path: str, data: bytes, fsync: Callable[[int], None] | None, spent: SpentFiles) -> bool:
@@ -328,7 +323,7 @@ class SpoolWriter:
             _unlink_quietly(path)
         for path in {os.path.dirname(p) for p in [*written, self._path]}:
             try:
-                _fsync_dir(path)
+                fsync_directory(path)
             except OSError:
                 pass
 
@@ -449,7 +444,7 @@ class FileSpool:
                     self._move_aside(hop, f"C.{id}")
                     self._move_aside(hop, f"D.{id}")
         for path in touched:
-            _fsync_dir(path)
+            fsync_directory(path)
         return sorted(messages, key=lambda m: (m.id, m.hop))
 
     def queued(self) -> list[QueuedMessage]:
@@ -612,7 +607,7 @@ class FileSpool:
                 raise SpoolError(f"{hop}/{id} is not {state}")
             try:
                 os.rename(source, hop_dir / f"{new}.{id}")
-                _fsync_dir(hop_dir)
+                fsync_directory(hop_dir)
             except OSError as e:
                 raise _spool_error(f"cannot {action} {hop}/{id}", e) from e
 
@@ -641,7 +636,7 @@ class FileSpool:
         path = self.directory / check_hop(hop)
         if create and not path.is_dir():
             path.mkdir(mode=0o700, exist_ok=True)
-            _fsync_dir(self.directory)
+            fsync_directory(self.directory)
         return path
 
     def _hop_dirs(self) -> list[tuple[str, pathlib.Path]]:
@@ -688,5 +683,5 @@ class FileSpool:
             os.rename(self.directory / hop / name, target)
         except FileNotFoundError:
             return
-        _fsync_dir(corrupt)
-        _fsync_dir(self.directory / hop)
+        fsync_directory(corrupt)
+        fsync_directory(self.directory / hop)

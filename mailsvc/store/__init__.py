@@ -116,12 +116,3 @@ def writeAll(fd: int, data: bytes) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
-
-
-def fsyncDirectory(path: str) -> None:
-    """Flush a directory's entries to disk, so a new name in it survives a crash."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

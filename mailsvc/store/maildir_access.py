@@ -14,8 +14,8 @@ from typing import BinaryIO
 
 from zope.interface import implementer
 
+from mailsvc.durable import fsync_directory
 from mailsvc.interfaces import IMailboxSession
-from mailsvc.store import fsyncDirectory
 from mailsvc.store.access import MessageInfo, checkName, lockSession, uidFor, wireSize
 # ---------------------------------------------------------------- Maildir
 
@@ -111,7 +111,7 @@ class MaildirSession:
                 except OSError as e:
                     failure = failure or e
             if removed:
-                fsyncDirectory(self._cur)
+                fsync_directory(self._cur)
         finally:
             self.close()
         if failure is not None:
@@ -166,8 +166,8 @@ def _moveNewToCur(maildir: str) -> None:
         except FileNotFoundError:
             continue  # taken by another reader meanwhile
     if moved:
-        fsyncDirectory(cur)
-        fsyncDirectory(new)
+        fsync_directory(cur)
+        fsync_directory(new)
 
 
 def _isRegular(st: os.stat_result) -> bool:

@@ -18,9 +18,10 @@ from typing import BinaryIO
 
 from zope.interface import implementer
 
+from mailsvc.durable import fsync_directory
 from mailsvc.errors import TemporaryDeliveryError
 from mailsvc.interfaces import IMailboxSession
-from mailsvc.store import CHUNK_SIZE, fsyncDirectory, writeAll
+from mailsvc.store import CHUNK_SIZE, writeAll
 from mailsvc.store.access import MessageInfo, WireForm, checkName, lockSession
 # ---------------------------------------------------------------- mbox
 
@@ -207,7 +208,7 @@ class MboxSession:
                 except OSError:
                     pass
                 raise
-            fsyncDirectory(directory)
+            fsync_directory(directory)
 
 
 class _DeliveryLocks:
