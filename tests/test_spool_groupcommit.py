@@ -31,7 +31,7 @@ class FsyncRecord:
 
     def __init__(self, root):
         self.root = root  # the spool: every directory in it is listed at each fsync's end
-        self.files = []  # (path, seq)
+        self.files = []  # (path, seq, inode)
         # (path, start seq, its entries at start, end seq, its entries at end,
         #  {name: entries at end} of every directory of the spool)
         self.dirs = []
@@ -49,7 +49,7 @@ class FsyncRecord:
         path = os.readlink(f"/proc/self/fd/{fd}")
         if not os.path.isdir(path):
             os.fsync(fd)
-            self.files.append((path, self.seq()))
+            self.files.append((path, self.seq(), os.fstat(fd).st_ino))
             return
         with self._lock:
             index = len(self.dirs)
@@ -77,39 +77,39 @@ def commit_one(spool, record, routes):
 
 def check_durable(record, message, hop_dir, returned, recycled=False):
     """DESIGN rule 1 for one committed message, from the fsync record; with
-    ``recycled``, its files were spent ones and leaving spent/ was durable too."""
+    ``recycled``, its files were spent ones, written in place."""
     data, ctl = f"D.{message.id}", f"C.{message.id}"
     dirs = [d for d in record.dirs if d is not None and d[0] == str(hop_dir)]
-    # The data file's octets were flushed (under its temporary name, or
-    # under its name in a hop directory: no C. names it yet).
-    data_fsyncs = [
-        seq for path, seq in record.files
-        if path.endswith(f"/tmp/{message.id}.D") or path.endswith(f"/{data}")
-    ]
+    # The data and control files' octets were flushed, under whatever name
+    # they had then (tmp/<id>.D, C.<id>.tmp, or a name in spent/: no C.
+    # named them yet). Files are known by their inodes (in their life since
+    # the writer was made: a reused file had others before).
+    created = record.created[message.id]
+    fsyncs = [(path, seq, ino) for path, seq, ino in record.files if seq > created]
+    data_fsyncs = [seq for _, seq, ino in fsyncs if ino == (hop_dir / data).stat().st_ino]
+    ctl_fsyncs = [(path, seq) for path, seq, ino in fsyncs if ino == (hop_dir / ctl).stat().st_ino]
     assert data_fsyncs, f"data of {message.id} never fsync'd"
-    # Its control file was flushed under its temporary name.
-    assert any(path == str(hop_dir / f"{ctl}.tmp") for path, _ in record.files)
+    assert ctl_fsyncs, f"control file of {message.id} never fsync'd"
+    assert all(path != str(hop_dir / ctl) for path, _ in ctl_fsyncs), "flushed under its final name"
+    if recycled:
+        assert all(path.startswith(str(hop_dir.parent / "spent")) for path, _ in ctl_fsyncs)
     # The data's entry was made durable before the control file appeared:
     # a directory fsync began with D. present and ended with C. still absent.
     staged = [end for _, start, before, end, after, _ in dirs if data in before and ctl not in after]
     assert staged, f"D. of {message.id} not flushed before its C. appeared"
-    # ... and the data's octets were flushed before the control file appeared
-    # (it was still absent when a later directory fsync ended).
+    # ... and the octets were flushed before the control file appeared (it
+    # was still absent when a later directory fsync ended).
     assert max(data_fsyncs) < max(staged)
-    # Its departure from tmp/ (and from spent/ for a reused file) was durable
-    # before the control file appeared: fsyncs begun after the writer was
-    # made, with the temporary name gone, ended before C. can have appeared.
-    created = record.created[message.id]
-    spool_dir, hop = hop_dir.parent, hop_dir.name
-    assert any(
-        path == str(spool_dir / "tmp") and created < start and f"{message.id}.D" not in before and ctl not in spool[hop]
-        for path, start, before, _, _, spool in filter(None, record.dirs)
-    ), f"tmp/ not flushed for {message.id} before its C. appeared"
-    if recycled:
+    assert max(seq for _, seq in ctl_fsyncs) < max(staged)
+    # A new data file's departure from tmp/ was durable too. (A reused file's
+    # departure from spent/ need not be: a spent name that comes back after
+    # a crash beside the new one is dropped by recovery, two links.)
+    if not recycled:
+        spool_dir, hop = hop_dir.parent, hop_dir.name
         assert any(
-            path == str(spool_dir / "spent") and created < start and ctl not in spool[hop]
-            for path, start, _, _, _, spool in filter(None, record.dirs)
-        ), f"spent/ not flushed for {message.id} before its C. appeared"
+            path == str(spool_dir / "tmp") and created < start and f"{message.id}.D" not in before and ctl not in spool[hop]
+            for path, start, before, _, _, spool in filter(None, record.dirs)
+        ), f"tmp/ not flushed for {message.id} before its C. appeared"
     # The commit point was durable before commit returned.
     assert any(ctl in before and end < returned for _, start, before, end, _, _ in dirs), (
         f"C. of {message.id} not flushed before commit returned"
@@ -242,6 +242,7 @@ def test_update_shares_the_syncer_and_flushes_after_its_rename(tmp_path):
     _, start, before, _, _, _ = record.dirs[-1]
     assert f"C.{message.id}.tmp" not in before  # began after the rename
     assert record.files[-1][0] == str(tmp_path / "local" / f"C.{message.id}.tmp")
+    assert record.files[-1][2] == (tmp_path / "local" / f"C.{message.id}").stat().st_ino
     assert record.files[-1][1] < start
     assert spool.queued() == [changed]
 
@@ -290,16 +291,19 @@ def test_remove_takes_a_held_control_file(tmp_path):
     assert files_in(tmp_path) == []
 
 
-def test_commits_reusing_spent_files_flush_spent_before_the_commit_point(tmp_path):
-    """Once removed messages left spent files, new commits reuse them: each
-    such commit has spent/ fsync'd (the file's old name gone for good)
-    before its control file appears, and its data is exactly what it wrote."""
+def test_commits_reusing_spent_files_are_durable_too(tmp_path):
+    """Once removed messages left spent files, and a commit made their
+    removal durable, new commits reuse them, written in place: each such
+    commit is as durable as one with new files, and its data is exactly
+    what it wrote."""
     record = FsyncRecord(tmp_path)
     spool = FileSpool(tmp_path, fsync=record)
     for messages, _ in [commit_one(spool, record, {"local": (BOB,)}) for _ in range(16)]:
         spool.remove(messages[0])
     assert len(spool._spent) == 32  # a data and a control file each
     inodes = {os.stat(p).st_ino for p in (tmp_path / "spent").iterdir()}
+    [settling], _ = commit_one(spool, record, {"local": (BOB,)})  # new files: none is ready yet
+    assert not {os.stat(tmp_path / "local" / f"{kind}.{settling.id}").st_ino for kind in "DC"} & inodes
 
     results = run_threads(8, lambda i: commit_one(spool, record, {"local": (BOB,)}))
     for result in results:

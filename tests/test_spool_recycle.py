@@ -30,19 +30,71 @@ def spent(root):
     return sorted(os.listdir(root / "spent"))
 
 
+def inodes(spool_dir, message):
+    """The inodes of ``message``'s data and control files."""
+    hop_dir = spool_dir / message.hop
+    return {(hop_dir / f"{kind}.{message.id}").stat().st_ino for kind in "DC"}
+
+
 def test_reused_files_hold_exactly_the_new_message(tmp_path):
     """A long message removed, then a short one: the short one reuses the
     long one's files and reads back exactly, control file included."""
     spool = FileSpool(tmp_path)
     [long] = queue(spool, b"x" * 5000 + b"\r\n", envelope=ENVELOPE.evolve(sender="a" * 300 + "@example.test"))
+    old = inodes(tmp_path, long)
     spool.remove(done(long))
     assert len(spent(tmp_path)) == 2
+    [between] = queue(spool, b"between\r\n")  # its commit makes the removal durable
     [short] = queue(spool, b"hi\r\n")
     assert spent(tmp_path) == []
+    assert inodes(tmp_path, short) == old
     assert (tmp_path / "local" / f"D.{short.id}").read_bytes() == b"hi\r\n"
-    assert FileSpool(tmp_path).queued() == [short]
+    assert FileSpool(tmp_path).queued() == [between, short]
     with spool.open(short) as f:
         assert f.read() == b"hi\r\n"
+
+
+def test_a_removed_file_is_reused_only_once_its_removal_is_durable(tmp_path):
+    """A delivered message's removal is not fsync'd at once: after a crash
+    its names may come back. Its files are not overwritten by a new message
+    until a directory fsync of its hop has begun after the removal (here:
+    the next commit's); else the old message could come back holding the
+    new one's octets."""
+    spool = FileSpool(tmp_path)
+    [first] = queue(spool, b"first\r\n")
+    old = inodes(tmp_path, first)
+    spool.remove(done(first))
+    writer = spool.newMessage()  # begun before any fsync of local/ since the removal
+    writer.write(b"second\r\n")
+    [second] = writer.commit(ENVELOPE, {"local": (BOB,)})
+    assert not inodes(tmp_path, second) & old
+    [third] = queue(spool, b"third\r\n")  # second's commit fsync'd local/: ready now
+    assert inodes(tmp_path, third) == old
+    assert (tmp_path / "local" / f"D.{third.id}").read_bytes() == b"third\r\n"
+
+
+def test_pending_files_settle_only_for_their_directory_and_time(tmp_path):
+    """The pool's bookkeeping: a file kept from one directory is ready after
+    an fsync of that directory begun after it was kept, not of another one,
+    nor of one begun before."""
+    pool = SpentFiles(tmp_path / "spent")
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f").write_bytes(b"x")
+    early = pool.mark()
+    assert pool.keep(tmp_path / "a" / "f")
+    pool.settled([str(tmp_path / "a")], early)  # an fsync begun before the keep
+    assert pool.open() is None
+    late = pool.mark()
+    assert pool.keep(tmp_path / "b" / "f")
+    pool.settled([str(tmp_path / "b")], late)  # b's file was kept after the mark
+    assert pool.open() is None
+    pool.settled([str(tmp_path / "a")], late)
+    taken = pool.open()
+    assert taken is not None
+    os.close(taken[0])
+    assert pool.open() is None  # b's file is still pending
+    assert len(pool) == 1
 
 
 def test_data_shared_by_two_hops_is_kept_until_the_last_goes(tmp_path):
@@ -52,7 +104,9 @@ def test_data_shared_by_two_hops_is_kept_until_the_last_goes(tmp_path):
     local, relay = queue(spool, b"both\r\n", routes={"local": (BOB,), "relay": (FAR,)})
     spool.remove(done(local))
     assert len(spent(tmp_path)) == 1  # the control file only
+    queue(spool, b"settle\r\n")
     [other] = queue(spool, b"other\r\n")  # takes the spent control file
+    assert len(spent(tmp_path)) == 0
     assert (tmp_path / "relay" / f"D.{relay.id}").read_bytes() == b"both\r\n"
     spool.remove(done(relay))
     assert len(spent(tmp_path)) == 2
@@ -84,14 +138,22 @@ def test_the_pool_is_bounded_and_can_be_off(tmp_path):
 
 
 def test_aborted_writer_gives_its_file_back(tmp_path):
-    """An aborted message's temporary file becomes spent, and the next
-    message reuses it, cut to its own length."""
+    """An aborted message's file becomes spent (a new one, once tmp/ was
+    fsync'd; a spent one at once), and a later message reuses it, cut to
+    its own length."""
     spool = FileSpool(tmp_path)
     writer = spool.newMessage()
     writer.write(b"z" * 3000)
     writer.abort()
     assert len(spent(tmp_path)) == 1
+    queue(spool, b"settle\r\n")  # a new file's commit fsyncs tmp/ too
+    writer = spool.newMessage()
+    writer.write(b"y" * 3000)
+    assert spent(tmp_path) == [os.path.basename(writer._path)]  # written in place
+    writer.abort()
+    assert len(spent(tmp_path)) == 1
     [message] = queue(spool, b"ok\r\n")
+    assert spent(tmp_path) == []
     assert (tmp_path / "local" / f"D.{message.id}").read_bytes() == b"ok\r\n"
 
 
@@ -119,12 +181,14 @@ def test_a_spent_file_gone_behind_our_back_is_skipped(tmp_path):
     """If a spent file disappears (another process, a person), taking one
     moves on to the next, or makes a new file."""
     pool = SpentFiles(tmp_path / "spent")
+    mark = pool.mark() + 2
     for name in ("a", "b"):
         (tmp_path / name).write_bytes(b"x")
         assert pool.keep(tmp_path / name)
+    pool.settled([str(tmp_path)], mark)
     for path in (tmp_path / "spent").iterdir():
         path.unlink()
-    assert pool.take(tmp_path / "target") is False
+    assert pool.open() is None
     assert len(pool) == 0
     spool = FileSpool(tmp_path / "spool")
     [message] = queue(spool, b"fresh\r\n")

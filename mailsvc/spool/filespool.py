@@ -8,7 +8,9 @@ Layout under the spool directory::
     <hop>/C.<id>.tmp    a control file being written
     <hop>/H.<id>        the control file of a message on hold: kept, not delivered
     corrupt/<hop>.C.<id>  control files recovery could not use, kept for a person
-    spent/S.*           removed files kept for reuse (mailsvc.spool.recycle)
+    spent/S.*           removed files kept for reuse (mailsvc.spool.recycle);
+                        a new data or control file is one of them when there
+                        is one, written in place, then renamed to D./C.
 
 A message routed to several hops has one data file hard-linked into each hop
 directory and one control file per hop, holding that hop's recipients.
@@ -130,24 +132,14 @@ def _spool_error(text: str, error: OSError) -> SpoolError:
     return SpoolError(f"{text}: {error}", temporary_full=error.errno in _FULL)
 
 
-def _write_file(path: str, data: bytes, fsync: Callable[[int], None] | None, spent: SpentFiles) -> bool:
-    """Write ``data`` to a new file at ``path`` and fsync it. The file is a
-    spent one from ``spent`` when there is one: then return True."""
-    fd, recycled = _open_new(path, spent)
-    try:
-        _write_all(fd, data, recycled)
-        (fsync or os.fsync)(fd)
-    finally:
-        os.close(fd)
-    return recycled
-
-
-def _open_new(path: str, spent: SpentFiles) -> tuple[int, bool]:
-    """Open a new file at ``path`` for writing: a spent one from ``spent``
-    when there is one (then the second value is True)."""
-    recycled = spent.take(path)
-    flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_NOFOLLOW if recycled else os.O_CREAT | os.O_TRUNC)
-    return os.open(path, flags, 0o600), recycled
+def _open_control(temp: str, spent: SpentFiles) -> tuple[int, str, bool]:
+    """Open a file to write a control file in: a ready spent one, written in
+    place (``mailsvc.spool.recycle``), or else a new one at ``temp``. Its
+    descriptor, its path, and True if it is a spent one."""
+    taken = spent.open()
+    if taken is not None:
+        return taken[0], taken[1], True
+    return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), temp, False
 
 
 def _write_all(fd: int, data: bytes, recycled: bool) -> None:
@@ -205,18 +197,15 @@ class SpoolWriter:
         self.id = id
         self.size = 0
         self._spool = spool
-        self._path = f"{spool._tmp}/{id}.D"  # paths as text: cheaper than pathlib here
         self._done = False
-        # A spent file when there is one (ids are unique in this process,
-        # so the rename replaces nothing); it is cut to size at commit.
-        self._recycled = spool._spent.take(self._path)
-        if self._recycled:
-            try:
-                fd = os.open(self._path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-            except OSError:
-                _unlink_quietly(self._path)
-                raise
+        # A ready spent file, written in place and cut to size at commit;
+        # else a new file in tmp/.
+        taken = spool._spent.open()
+        self._recycled = taken is not None
+        if taken is not None:
+            fd, self._path = taken
         else:
+            self._path = f"{spool._tmp}/{id}.D"  # paths as text: cheaper than pathlib here
             fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self._file = open(fd, "wb", buffering=_BUFFER)
 
@@ -275,44 +264,48 @@ class SpoolWriter:
 
     def _commit(self, messages: list[QueuedMessage], written: list[str]) -> Steps[None]:
         spool = self._spool
+        spent = spool._spent
         self._file.flush()
         if self._recycled:
             os.ftruncate(self._file.fileno(), self.size)  # nothing of the old content stays
         dirs = [spool._hop_path(m.hop, create=True) for m in messages]
-        controls = []  # (temp name, final name, open descriptor)
-        recycled = self._recycled
+        controls = []  # (path written, final name, open descriptor, a spent file)
         try:
             for message, hop_dir in zip(messages, dirs):
-                temp = f"{hop_dir}/C.{self.id}.tmp"
-                written.append(temp)
-                fd, reused = _open_new(temp, spool._spent)
-                controls.append((temp, f"{hop_dir}/C.{self.id}", fd))
-                recycled |= reused
+                fd, path, reused = _open_control(f"{hop_dir}/C.{self.id}.tmp", spent)
+                written.append(path)
+                controls.append((path, f"{hop_dir}/C.{self.id}", fd, reused))
                 _write_all(fd, control.dump(message), reused)
             first = f"{dirs[0]}/D.{self.id}"
             written.append(first)
             os.rename(self._path, first)  # no C. names it yet: a crash leaves no commit
+            if self._recycled:
+                spent.forget(self._path)
             for hop_dir in dirs[1:]:
                 written.append(f"{hop_dir}/D.{self.id}")
                 os.link(first, written[-1])
             # Data and control files are on disk, and so are the data's
             # directory entries, before any C. appears: a C. is the commit
-            # point and must never name missing data. So are the data's
-            # departure from tmp/ and, for reused files, from spent/: no old
-            # name of a committed file may come back after a crash (recover()
-            # would delete it, a reuse would overwrite it).
-            stage = [*dirs, spool._tmp]
-            if recycled:
-                stage.append(spool._spent.directory)
-            yield Flush(files=[self._file.fileno(), *(fd for _, _, fd in controls)], directories=stage)
+            # point and must never name missing data. (The names the files
+            # leave, in tmp/ or spent/, may come back after a crash beside
+            # the new ones: recovery sweeps tmp/, and drops a spent name
+            # with two links.)
+            stage = dirs if self._recycled else [*dirs, spool._tmp]
+            mark = spent.mark()
+            yield Flush(files=[self._file.fileno(), *(c[2] for c in controls)], directories=stage)
+            spent.settled(stage, mark)
         finally:
             self._file.close()
-            for _, _, fd in controls:
-                os.close(fd)
-        for temp, final, _ in controls:
+            for control_file in controls:
+                os.close(control_file[2])
+        for path, final, _, reused in controls:
             written.append(final)
-            os.rename(temp, final)
+            os.rename(path, final)
+            if reused:
+                spent.forget(path)
+        mark = spent.mark()
         yield Flush(directories=dirs)  # the commit point is durable: 250 may be said
+        spent.settled(dirs, mark)
 
     def _undo(self, written: list[str]) -> None:
         try:
@@ -321,6 +314,7 @@ class SpoolWriter:
             pass
         for path in [*reversed(written), self._path]:
             _unlink_quietly(path)
+            self._spool._spent.forget(path)  # spent files written in place are lost
         for path in {os.path.dirname(p) for p in [*written, self._path]}:
             try:
                 fsync_directory(path)
@@ -337,6 +331,9 @@ class SpoolWriter:
             self._file.close()
         except OSError:
             pass
+        if self._recycled:
+            self._spool._spent.release(self._path)  # a spent file it was, a spent file it stays
+            return
         try:
             self._spool._discard(self._path)
         except FileNotFoundError:
@@ -407,25 +404,27 @@ class FileSpool:
         # no C." really is a data file without a commit point.
         active = self._active
         self._spent.load()  # before any reuse: drops files a crash left with two names
-        touched: set[pathlib.Path] = set()
+        mark = self._spent.mark()
+        # Every directory is fsync'd at the end: what this pass removed, and
+        # what the last run removed without making it durable, is gone for
+        # good; then the spent files are ready for reuse (recycle).
         temp_dir = self.directory / "tmp"
+        directories = [temp_dir]
         for entry in os.scandir(temp_dir):
             if entry.name.partition(".")[0] not in active:
                 _unlink_quietly(pathlib.Path(entry.path))
-                touched.add(temp_dir)
         messages = []
         for hop, hop_dir in self._hop_dirs():
+            directories.append(hop_dir)
             controls, datas, temps = self._listing(hop_dir)
             held = self._held_ids(hop_dir)
             for name in temps:
                 if name[2:].partition(".")[0] not in active:
                     _unlink_quietly(hop_dir / name)
-                    touched.add(hop_dir)
             # A held message (H.) keeps its data; it is not returned.
             for id in datas - controls - held:
                 if id not in active and not self._has_control(hop_dir, id):
                     _unlink_quietly(hop_dir / f"D.{id}")
-                    touched.add(hop_dir)
             for id in sorted(held - datas):
                 if not (hop_dir / f"D.{id}").exists():
                     self._log(f"spool: {hop}/H.{id} has no data file D.{id}; moved to corrupt/")
@@ -443,8 +442,9 @@ class FileSpool:
                     self._log(f"spool: {e}; moved to corrupt/ with its data")
                     self._move_aside(hop, f"C.{id}")
                     self._move_aside(hop, f"D.{id}")
-        for path in touched:
+        for path in directories:
             fsync_directory(path)
+        self._spent.settled_all(mark)
         return sorted(messages, key=lambda m: (m.id, m.hop))
 
     def queued(self) -> list[QueuedMessage]:
@@ -490,18 +490,29 @@ class FileSpool:
             if not final.exists():
                 raise SpoolError(f"{message.hop}/C.{message.id} is not in the spool")
             self._active.add(message.id)  # recover() leaves the temp file alone
+            mark = self._spent.mark()
+            path = None
             try:
-                recycled = _write_file(temp, control.dump(message), self._fsync, self._spent)
-                os.rename(temp, final)
+                fd, path, reused = _open_control(os.fspath(temp), self._spent)
+                try:
+                    _write_all(fd, control.dump(message), reused)
+                    (self._fsync or os.fsync)(fd)
+                finally:
+                    os.close(fd)
+                os.rename(path, final)
+                self._spent.forget(path)
             except OSError as e:
-                _unlink_quietly(temp)
+                if path is not None:
+                    _unlink_quietly(path)
+                    self._spent.forget(path)
                 raise _spool_error(f"cannot update {message.hop}/C.{message.id}", e) from e
             finally:
                 self._active.discard(message.id)
         try:  # shared with the commits and updates in flight (group commit)
-            self._syncer.sync([hop_dir, self._spent.directory] if recycled else [hop_dir])
+            self._syncer.sync([hop_dir])
         except OSError as e:
             raise _spool_error(f"cannot update {message.hop}/C.{message.id}", e) from e
+        self._spent.settled([os.fspath(hop_dir)], mark)
 
     def remove(self, message: QueuedMessage) -> None:
         """Remove ``message``: its control file first (``C.``, or ``H.`` if it

@@ -12,22 +12,31 @@ the server's CPU went to ``ext4_create``).
 
 So a removed control or data file is renamed into ``spent/`` (when it is
 small, not shared with another hop, and the pool has room) instead of
-being unlinked, and a new data or control file is a spent one renamed to
-its new name and overwritten from offset 0; the writer then cuts it to the
-length written (``ftruncate``), so nothing of the old content remains. A
-file is never written in place while it has another name.
+being unlinked. A new data or control file is a spent one, written in place
+under its name in ``spent/`` from offset 0 and cut to the length written
+(``ftruncate``), then renamed to its name in the spool when it is complete:
+one rename per file, and nothing of the old content remains.
 
-Crash safety: a name taken from ``spent/`` must not come back after a crash
-beside the name the file was given, or the next reuse would overwrite a
-committed message. So a commit that took a spent file has ``spent/``
-fsync'd together with its hop directories before its control file appears
-(``SpoolWriter._commit``). A removal is not made durable (delivery is
-at-least-once), so a crash may leave a delivered message's file under both
-names: ``load`` (on recovery) drops every spent file with more than one
-link, and anything that is not a small regular file.
+Crash safety, the two old names of a reused file:
 
-Blocking, thread-safe. One process owns a spool; other processes (the
-``mailsvc queue`` command) may add to ``spent/`` too: names are unique.
+* Its name before it was spent (``<hop>/D.<id>`` of a delivered message):
+  a removal is not made durable at once (delivery is at-least-once), so
+  after a crash that name may come back, with its control file. If the file
+  had been overwritten by then, the old message would come back holding
+  another one's octets. So a kept file is *pending* until a directory fsync
+  of its old directory has begun after it was kept (``settled``: every
+  commit fsyncs its hop directories, so under load that is the next round);
+  only then is it ready to be taken. ``load`` (at start) makes every file
+  pending until the spool's recovery has fsync'd every directory
+  (``settled_all``).
+* Its name in ``spent/``: leaving ``spent/`` is not made durable either, so
+  a crash may leave a committed file under its spool name and in ``spent/``
+  (two links). ``load`` drops every spent file with more than one link, and
+  anything that is not a small regular file.
+
+Blocking, thread-safe. One process owns a spool and is the only one to take
+spent files; other processes (the ``mailsvc queue`` command) may add to
+``spent/`` too: names are unique.
 """
 
 from __future__ import annotations
@@ -38,11 +47,13 @@ import pathlib
 import secrets
 import stat
 import threading
+from collections.abc import Iterable
 
 LIMIT = 1024  # spent files kept at most
 MAX_SIZE = 64 * 1024  # larger files are deleted: their blocks are better freed
 
 _counter = itertools.count()
+_OPEN_IN_PLACE = os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW
 
 
 class SpentFiles:
@@ -55,24 +66,34 @@ class SpentFiles:
         self.directory = pathlib.Path(directory)
         self._dir = os.fspath(directory) + os.sep  # names are joined to it as text
         self.limit = limit
-        self._names: list[str] = []  # files in directory this process may take
+        self._ready: list[str] = []  # names that may be taken
+        # (sequence number, name, directory it left; None: any) of files kept
+        # before a directory fsync made their leaving durable
+        self._pending: list[tuple[int, str, str | None]] = []
+        self._kept = 0  # sequence number of the next file kept
+        self._busy: set[str] = set()  # taken: being written in place
         self._lock = threading.Lock()
         self._prefix = f"S.{os.getpid()}.{secrets.token_hex(4)}."
         self._made = False  # directory made (at the first keep: reading a spool makes nothing)
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._names)
+            return len(self._ready) + len(self._pending)
 
     def load(self) -> None:
         """Read ``directory`` afresh (on recovery): keep each small regular
-        file with one link, up to ``limit``; delete the other files."""
+        file with one link, up to ``limit``, as pending until ``settled_all``;
+        delete the other files. Files taken now are left alone."""
         keep: list[str] = []
         try:
             entries = list(os.scandir(self.directory))
         except FileNotFoundError:
             entries = []
+        with self._lock:
+            busy = set(self._busy)
         for entry in entries:
+            if entry.name in busy:
+                continue
             try:
                 st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
@@ -84,29 +105,52 @@ class SpentFiles:
             else:
                 _unlink_quietly(entry.path)
         with self._lock:
-            self._names = keep
+            self._ready = []
+            self._pending = [(self._kept, name, None) for name in keep]
+            self._kept += 1
 
-    def take(self, path: str | pathlib.Path) -> bool:
-        """Rename a spent file to ``path`` (a fresh name); False if there is none.
+    def open(self) -> tuple[int, str] | None:
+        """Take a ready spent file and open it for writing in place, at
+        offset 0: its descriptor and path; None if none is ready.
 
-        The caller overwrites it from offset 0 and truncates it to its new
-        length. :raise OSError: the rename failed for another reason than
-        the spent file being gone.
+        The caller writes it whole, cuts it to the length written, and then
+        renames it away (``forget``) or gives it back (``release``).
+        :raise OSError: it could not be opened for another reason than
+            being gone (then it is no longer in the pool).
         """
         while True:
             with self._lock:
-                if not self._names:
-                    return False
-                name = self._names.pop()
+                if not self._ready:
+                    return None
+                name = self._ready.pop()
+                self._busy.add(name)
+            path = self._dir + name
             try:
-                os.rename(self._dir + name, path)
-                return True
+                return os.open(path, _OPEN_IN_PLACE), path
             except FileNotFoundError:
-                continue  # removed behind our back: try the next one
+                self.forget(path)  # removed behind our back: try the next one
+            except OSError:
+                self.forget(path)
+                raise
+
+    def release(self, path: str) -> None:
+        """Give back a file taken with ``open`` and not renamed away: it
+        never had another name since, so it is ready at once."""
+        name = os.path.basename(path)
+        with self._lock:
+            if name in self._busy:
+                self._busy.discard(name)
+                self._ready.append(name)
+
+    def forget(self, path: str) -> None:
+        """A file taken with ``open`` is no longer the pool's (renamed away, deleted)."""
+        with self._lock:
+            self._busy.discard(os.path.basename(path))
 
     def keep(self, path: str | pathlib.Path, check: bool = True) -> bool:
         """Move the spent file ``path`` into the pool if it is small, has no
         other name and the pool has room; False: the caller deletes it.
+        It is pending until its directory is ``settled``.
 
         ``check=False`` skips the look at the file, for one known to be a
         small regular file with one name (a control file).
@@ -120,16 +164,47 @@ class SpentFiles:
             if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size > MAX_SIZE:
                 return False
         with self._lock:
-            if len(self._names) >= self.limit:
+            if len(self._ready) + len(self._pending) >= self.limit:
                 return False
             name = f"{self._prefix}{next(_counter)}"
         if not self._made:
             self.directory.mkdir(mode=0o700, exist_ok=True)
             self._made = True
+        path = os.fspath(path)
         os.rename(path, self._dir + name)
         with self._lock:
-            self._names.append(name)
+            self._pending.append((self._kept, name, os.path.dirname(path)))
+            self._kept += 1
         return True
+
+    def mark(self) -> int:
+        """Where the pool stands: pass it to ``settled`` after a directory
+        fsync begun after this call."""
+        with self._lock:
+            return self._kept
+
+    def settled(self, directories: Iterable[str], mark: int) -> None:
+        """``directories`` were fsync'd by an fsync begun after ``mark``:
+        files kept from them before ``mark`` are ready."""
+        directories = set(directories)
+        with self._lock:
+            if not self._pending:
+                return
+            still = []
+            for entry in self._pending:
+                seq, name, source = entry
+                if seq < mark and source in directories:
+                    self._ready.append(name)
+                else:
+                    still.append(entry)
+            self._pending = still
+
+    def settled_all(self, mark: int) -> None:
+        """Every directory of the spool was fsync'd after ``mark``: every
+        file kept before it is ready."""
+        with self._lock:
+            self._ready.extend(name for seq, name, _ in self._pending if seq < mark)
+            self._pending = [entry for entry in self._pending if entry[0] >= mark]
 
 
 def _unlink_quietly(path) -> None:
