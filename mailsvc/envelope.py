@@ -8,7 +8,20 @@ delivery agents read them back. They hold no I/O and no Twisted.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+
+
+def _evolve(value, changes: dict):
+    """``dataclasses.replace(value, **changes)``, in less time.
+
+    The queue runner copies a message and a recipient for each delivery.
+    ``replace`` walks the class's field list in Python; these classes keep
+    every field, and only fields, in their instance ``__dict__`` (each one
+    an ``__init__`` argument), so a merge of that dict with ``changes`` is
+    the same list of arguments. ``__init__`` still runs: an unknown field
+    is still a ``TypeError``.
+    """
+    return type(value)(**{**value.__dict__, **changes})
 
 
 class Delivered(enum.Enum):
@@ -55,8 +68,8 @@ class Recipient:
     warned: bool = False
 
     def evolve(self, **changes) -> "Recipient":
-        """A copy with some fields changed."""
-        return replace(self, **changes)
+        """A copy with some fields changed (see ``_evolve``)."""
+        return _evolve(self, changes)
 
 
 @dataclass(frozen=True)
@@ -92,8 +105,8 @@ class Envelope:
         return default
 
     def evolve(self, **changes) -> "Envelope":
-        """A copy with some fields changed."""
-        return replace(self, **changes)
+        """A copy with some fields changed (see ``_evolve``)."""
+        return _evolve(self, changes)
 
 
 @dataclass(frozen=True)
@@ -124,5 +137,5 @@ class QueuedMessage:
     envelope: Envelope
 
     def evolve(self, **changes) -> "QueuedMessage":
-        """A copy with some fields changed."""
-        return replace(self, **changes)
+        """A copy with some fields changed (see ``_evolve``)."""
+        return _evolve(self, changes)

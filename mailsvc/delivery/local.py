@@ -48,6 +48,16 @@ class LocalDeliveryAgent:
 
         :return: a Deferred firing with ``{address: None | DeliveryError}``.
         """
+        recipients = message.envelope.recipients
+        if len(recipients) == 1 and recipients[0].state is RecipientState.PENDING:
+            # The common case, one recipient: its own Deferred carries the
+            # result, with no chain of callbacks to build and wait on.
+            address = recipients[0].address
+            try:
+                d = self._deliver_one(message, recipients[0])
+            except BaseException:
+                return defer.fail()  # as the chain below would (a Deferred catches all)
+            return d.addCallback(lambda error: {address: error})
         results: dict[str, DeliveryError | None] = {}
         d = defer.succeed(None)
         for recipient in message.envelope.recipients:

@@ -30,6 +30,15 @@ def _pending(message: QueuedMessage) -> list:
     return [r for r in message.envelope.recipients if r.state is PENDING]
 
 
+def _has_pending(message: QueuedMessage) -> bool:
+    """Whether a recipient of ``message`` is PENDING (``bool(_pending(message))``
+    without building the list: asked once per delivery)."""
+    for r in message.envelope.recipients:
+        if r.state is PENDING:
+            return True
+    return False
+
+
 class QueueRunner:
     """Delivers what is in the spool, each message through the agent of its hop.
 
@@ -180,7 +189,7 @@ class QueueRunner:
             count = 0
             for message in messages:
                 key = _key(message)
-                if not _pending(message) or key in self._suspended:
+                if not _has_pending(message) or key in self._suspended:
                     continue
                 if predicate is not None and not predicate(message):
                     continue
@@ -215,7 +224,7 @@ class QueueRunner:
         return d
 
     def _settle_watchers(self, key) -> None:
-        if key in self._waiting:
+        if not self._idle_watchers or key in self._waiting:
             return
         for left, d in list(self._idle_watchers):
             left.discard(key)
@@ -346,20 +355,29 @@ class QueueRunner:
                 "no delivery agent for hop={hop}; id={id} stays queued", hop=message.hop, id=message.id
             )
             return defer.succeed(None)
-        # Only pending recipients are ever shown to the agent.
-        attempt = message.evolve(envelope=message.envelope.evolve(recipients=tuple(_pending(message))))
+        # Only pending recipients are ever shown to the agent. At a first
+        # attempt every recipient is: the message is shown as it is (it is
+        # frozen), not copied.
+        pending = _pending(message)
+        if len(pending) == len(message.envelope.recipients):
+            attempt = message
+        else:
+            attempt = message.evolve(envelope=message.envelope.evolve(recipients=tuple(pending)))
         d = defer.maybeDeferred(agent.deliver, attempt)
-        d.addErrback(self._agent_failed, message)
-        d.addCallback(self._record, message)
-        d.addErrback(lambda f: self._log.failure("recording results of id={id} failed", f, id=message.id))
+        d.addCallbacks(self._record, self._agent_failed, callbackArgs=(message,), errbackArgs=(message,))
+        d.addErrback(self._record_failed, message)
         return d
 
-    def _agent_failed(self, failure: Failure, message: QueuedMessage) -> dict:
+    def _agent_failed(self, failure: Failure, message: QueuedMessage) -> defer.Deferred:
+        """The agent failed as a whole: every pending recipient gets a temporary error."""
         self._log.failure(
             "agent for hop={hop} failed on id={id}", failure, hop=message.hop, id=message.id
         )
         error = TemporaryDeliveryError(f"internal error: {failure.getErrorMessage()}", "4.3.0")
-        return {r.address: error for r in _pending(message)}
+        return self._record({r.address: error for r in _pending(message)}, message)
+
+    def _record_failed(self, failure: Failure, message: QueuedMessage) -> None:
+        self._log.failure("recording results of id={id} failed", failure, id=message.id)
 
     def _record(self, results, message: QueuedMessage) -> defer.Deferred:
         """Fold the agent's ``results`` into the recipients' state; save it."""
@@ -372,37 +390,36 @@ class QueueRunner:
             )
             results = {}
         now = self._clock.seconds()
-        recipients = []
-        for r in message.envelope.recipients:
-            if r.state is not PENDING:
-                recipients.append(r)
-                continue
-            recipients.append(self._outcome(message, r, results.get(r.address, _NO_RESULT), now))
-        updated = message.evolve(envelope=message.envelope.evolve(recipients=tuple(recipients)))
-        failed = [
-            new
-            for old, new in zip(message.envelope.recipients, recipients)
-            if old.state is PENDING and new.state is RecipientState.FAILED
-        ]
+        late = bool(self._delay_warning_after) and (
+            message.envelope.received_at + self._delay_warning_after <= now
+        )
+        # One pass over the recipients: each pending one gets its new state
+        # and, when a report on it is due, joins its group.
+        recipients = list(message.envelope.recipients)
+        failed = []
         # Only recipients that asked (rfc3461 NOTIFY) may want a success
         # report; the agent says which (rfc3461 5.2: none when passed on).
         successes: dict[str, list] = {"delivered": [], "relayed": []}
-        for old, new in zip(message.envelope.recipients, recipients):
-            if old.state is PENDING and new.state is RecipientState.DELIVERED and new.notify:
-                how = results.get(new.address) or Delivered.DELIVERED
-                if how is not Delivered.PASSED_ON:
-                    successes[how.value].append(new)
         delayed = []
-        if self._delay_warning_after:
-            late = message.envelope.received_at + self._delay_warning_after <= now
-            for index, (old, new) in enumerate(zip(message.envelope.recipients, recipients)):
-                if late and old.state is PENDING and new.state is PENDING and not new.warned:
-                    recipients[index] = new.evolve(warned=True)
-                    delayed.append(recipients[index])
-            if delayed:
-                updated = message.evolve(envelope=message.envelope.evolve(recipients=tuple(recipients)))
-        groups = [("failed", failed), *successes.items(), ("delayed", delayed)]
-        if any(group for _, group in groups) and self._reporter is not None:
+        for index, old in enumerate(recipients):
+            if old.state is not PENDING:
+                continue
+            new = self._outcome(message, old, results.get(old.address, _NO_RESULT), now)
+            if new.state is RecipientState.FAILED:
+                failed.append(new)
+            elif new.state is RecipientState.DELIVERED:
+                if new.notify:
+                    how = results.get(new.address) or Delivered.DELIVERED
+                    if how is not Delivered.PASSED_ON:
+                        successes[how.value].append(new)
+            elif late and not new.warned:
+                new = new.evolve(warned=True)
+                delayed.append(new)
+            recipients[index] = new
+        updated = message.evolve(envelope=message.envelope.evolve(recipients=tuple(recipients)))
+        reports_due = failed or delayed or successes["delivered"] or successes["relayed"]
+        if reports_due and self._reporter is not None:
+            groups = [("failed", failed), *successes.items(), ("delayed", delayed)]
             d = defer.succeed(None)
             for action, group in groups:
                 if group:
@@ -414,7 +431,7 @@ class QueueRunner:
 
     def _save(self, updated: QueuedMessage) -> defer.Deferred:
         """Write the recipients' new state, or remove the message when none is pending."""
-        if _pending(updated):
+        if _has_pending(updated):
             # After a failed update, no timer: the next scan reads what the
             # spool really holds (a message removed meanwhile stays removed).
             d = self._blocking(self._spool.update, updated)
@@ -430,10 +447,16 @@ class QueueRunner:
 
     def _outcome(self, message: QueuedMessage, r, error, now: float):
         attempts = r.attempts + 1
-        fields = dict(id=message.id, to=r.address, hop=message.hop, attempts=attempts)
         if error is None or isinstance(error, Delivered):
-            self._log.info("delivered id={id} to=<{to}> hop={hop}", **fields)
+            self._log.info(
+                "delivered id={id} to=<{to}> hop={hop}",
+                id=message.id,
+                to=r.address,
+                hop=message.hop,
+                attempts=attempts,
+            )
             return r.evolve(state=RecipientState.DELIVERED, attempts=attempts, last_error="")
+        fields = dict(id=message.id, to=r.address, hop=message.hop, attempts=attempts)
         if not isinstance(error, DeliveryError):
             result = "nothing" if error is _NO_RESULT else repr(error)
             self._log.error(
