@@ -5,6 +5,8 @@ events go to ``mailsvc.receiver.ReceivingSession`` (AUTH steps to
 ``mailsvc.auth.AuthSession``), and the answers go back to the machine. While
 a decision is pending the transport is paused, so a slow policy never
 reorders pipelined replies (rfc2920 3.1) and input does not pile up in memory.
+Replies are sent on the socket at once when nothing is queued before them
+(``mailsvc.sockets.write_now``), else through ``transport.write``.
 
 TLS: an accepted STARTTLS writes the 220 in clear, switches the transport
 with ``startTLS`` and tells the machine (``tls_started``), which drops
@@ -34,7 +36,7 @@ from mailsvc.receiver import SESSION_HANDLERS, ReceiverContext, ReceivingSession
 from mailsvc.smtp import events as ev
 from mailsvc.smtp.replies import Reply
 from mailsvc.smtp.server import ServerConnection, ServerSettings
-from mailsvc.sockets import disable_nagle
+from mailsvc.sockets import disable_nagle, write_now
 
 log = Logger(namespace="mailsvc.protocol")
 
@@ -269,7 +271,7 @@ class SMTPServerProtocol(Protocol):
     def _flush(self) -> None:
         out = self.machine.data_to_send()
         if out and not self._gone:
-            self.transport.write(out)
+            write_now(self.transport, out)  # on the socket at once when nothing is queued
         if self.machine.closed and not self._gone:
             self._cancel_timer()
             self.transport.loseConnection()
@@ -279,23 +281,21 @@ class SMTPServerProtocol(Protocol):
     def _restart_timer(self) -> None:
         """rfc5321 4.5.3.2.7 (commands) and 4.5.3.2.5 (data blocks).
 
-        Activity only moves ``_deadline``; the timer is re-armed when it
-        fires early, or re-made when the deadline moves sooner than it."""
+        Activity only moves ``_deadline``. The one timer is armed for at most
+        the shorter of the two timeouts (``_timer_step``), so it fires at or before
+        any deadline that activity can set, and is never re-made on an event:
+        when it fires early it re-arms itself for what is left."""
         if self._gone or self.machine.closed:
             self._cancel_timer()
             return
-        settings = self.factory
-        seconds = settings.data_timeout if self.machine.in_data else settings.command_timeout
+        factory = self.factory
+        seconds = factory.data_timeout if self.machine.in_data else factory.command_timeout
         if not seconds:
             self._cancel_timer()
             return
-        clock = settings.clock
-        self._deadline = deadline = clock.seconds() + seconds
-        timer = self._timer
-        if timer is None or deadline < timer.getTime():
-            if timer is not None:
-                timer.cancel()
-            self._timer = clock.callLater(seconds, self._timer_fired)
+        self._deadline = factory.clock.seconds() + seconds
+        if self._timer is None:
+            self._timer = factory.clock.callLater(_timer_step(factory), self._timer_fired)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -304,9 +304,10 @@ class SMTPServerProtocol(Protocol):
 
     def _timer_fired(self) -> None:
         self._timer = None
-        left = self._deadline - self.factory.clock.seconds()
+        clock = self.factory.clock
+        left = self._deadline - clock.seconds()
         if left > 0:
-            self._timer = self.factory.clock.callLater(left, self._timer_fired)
+            self._timer = clock.callLater(min(left, _timer_step(self.factory)), self._timer_fired)
             return
         self._timed_out()
 
@@ -314,6 +315,12 @@ class SMTPServerProtocol(Protocol):
         self._timer = None
         log.info("timeout, closing [{client}]", client=getattr(self.transport.getPeer(), "host", ""))
         self._close_with(TIMEOUT)
+
+
+def _timer_step(factory) -> float:
+    """The longest a connection's timer is armed for: the shorter of the
+    timeouts in use, so no deadline that activity sets comes before it fires."""
+    return min(t for t in (factory.command_timeout, factory.data_timeout) if t)
 
 
 class ConnectionPool:

@@ -48,6 +48,35 @@ def test_data_and_command_timeouts_switch(tmp_path):
     assert t.value() == TIMEOUT and t.disconnecting
 
 
+def test_data_timeout_longer_than_command_timeout(tmp_path):
+    """Each timeout counts in full from the last input, whichever is the longer."""
+    h = Harness(tmp_path, command_timeout=60, data_timeout=600)
+    proto, t = h.connect()
+    h.clock.advance(59)
+    talk(proto, t, SEND)  # in DATA now: 600 s from here
+    h.clock.advance(599.5)
+    assert t.value() == b"" and not t.disconnecting
+    out = talk(proto, t, b"line\r\n.\r\n")  # back to commands: 60 s from here
+    assert lines(out)[-1].startswith("250 2.0.0")
+    h.clock.advance(59.5)
+    assert not t.disconnecting
+    h.clock.advance(0.5)
+    assert t.value() == TIMEOUT and t.disconnecting
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_only_the_data_timeout(tmp_path):
+    """command_timeout 0: commands may wait for ever; data still times out."""
+    h = Harness(tmp_path, command_timeout=0, data_timeout=180)
+    proto, t = h.connect()
+    h.clock.advance(10_000)
+    talk(proto, t, SEND)
+    h.clock.advance(179.5)
+    assert not t.disconnecting
+    h.clock.advance(0.5)
+    assert t.value() == TIMEOUT and t.disconnecting
+
+
 def test_no_timer_once_closed_or_disabled(tmp_path):
     """QUIT leaves no timer behind; a timeout of 0 arms none."""
     h = Harness(tmp_path, command_timeout=300)
