@@ -17,8 +17,13 @@ which runs in rounds:
    failed fsync of one of *its* files or directories thrown in, or with the
    descriptor it asked for) up to its next request or its end.
 
-There is no timer: a lone job is never delayed, and batches form while a
-round's fsyncs are in progress.
+The requests made during one reactor iteration are handed to the thread
+together when the iteration's events are all handled (``callLater(0)``):
+a round has the whole iteration's work, and a lone job waits for nothing
+but the end of that iteration. More batches form while a round's fsyncs
+are in progress. (Handing each request over at once made rounds of one or
+two jobs, and the thread took the GIL for each: 4.5% more CPU per message,
+bench/RESULTS.md.)
 
 Why so: with a thread per commit and per delivery (the reactor's pool), the
 threads and the reactor passed the GIL back and forth at every system call
@@ -49,7 +54,8 @@ class FlushWorker:
     one thread, by rounds.
 
     :param reactor: the reactor whose thread calls ``submit`` and resumes
-        the jobs (``callFromThread``).
+        the jobs (``callLater(0)`` to hand requests over, ``callFromThread``
+        to hand rounds back).
     :param fsync: called with each file and directory descriptor to flush;
         default ``os.fsync`` (looked up at each call). Tests pass an
         instrumented one.
@@ -66,6 +72,7 @@ class FlushWorker:
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
         self._queued: list[tuple[Steps, defer.Deferred, Flush | OpenFile]] = []
+        self._outbox: list[tuple[Steps, defer.Deferred, Flush | OpenFile]] = []  # reactor thread only
         self._sleeping = False
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -89,7 +96,9 @@ class FlushWorker:
 
     def stop(self, timeout: float | None = 30.0) -> None:
         """Finish the flushes queued so far, then end the thread (blocking:
-        waits at most ``timeout`` seconds). Jobs resumed after that fail."""
+        waits at most ``timeout`` seconds). Jobs resumed after that fail.
+        Call from the reactor thread."""
+        self._hand_over()
         with self._lock:
             self._stopping = True
             self._work.notify()
@@ -114,15 +123,14 @@ class FlushWorker:
             else:
                 flushes.append((steps, d, flush))
         if flushes:
-            with self._lock:
-                stopped = self._stopping
-                if not stopped:
-                    self._queued.extend(flushes)
-                    if self._sleeping:
-                        self._work.notify()
-                    if self._thread is None:
-                        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-                        self._thread.start()
+            stopped = self._stopping
+            if not stopped:
+                # Handed to the thread once per reactor iteration, when its
+                # events are all handled: the round then has them all.
+                first = not self._outbox
+                self._outbox.extend(flushes)
+                if first:
+                    self._reactor.callLater(0, self._hand_over)
             if stopped:
                 for steps, d, _ in flushes:
                     steps.close()
@@ -133,6 +141,19 @@ class FlushWorker:
                 d.errback(result)
             else:
                 d.callback(result)
+
+    def _hand_over(self) -> None:
+        """Queue the requests of this reactor iteration for the flush thread."""
+        outbox, self._outbox = self._outbox, []
+        if not outbox:
+            return
+        with self._lock:
+            self._queued.extend(outbox)
+            if self._sleeping:
+                self._work.notify()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
 
     def _resume(self, batch: list, outcomes: list) -> None:
         """On the reactor thread: a round is done; resume its jobs."""

@@ -35,6 +35,22 @@ class ThreadReactor:
     def callFromThread(self, f, *args):
         self.calls.put((f, args))
 
+    def callLater(self, delay, f, *args):
+        """The worker asks for "once this iteration's events are handled":
+        at once here, unless ``iteration`` collects such calls."""
+        assert delay == 0
+        if self.iteration is None:
+            f(*args)
+        else:
+            self.iteration.append((f, args))
+
+    iteration = None  # a list: calls waiting for the end of the current iteration
+
+    def end_iteration(self):
+        calls, self.iteration = self.iteration, []
+        for f, args in calls:
+            f(*args)
+
     def run_until(self, d: defer.Deferred):
         """Run handed-back calls until ``d`` has fired; return its result or raise its failure."""
         results = []
@@ -106,6 +122,23 @@ def test_a_job_runs_its_flushes_in_order_and_returns_on_the_reactor(reactor, wor
     assert worker.fsyncs.paths == [str(tmp_path / "a"), str(tmp_path), str(tmp_path)]
     assert log == [("flush", str(tmp_path / "a")), ("flushed", str(tmp_path / "a"))]
     assert (worker.rounds, worker.jobs) == (2, 1)
+
+
+def test_requests_of_one_reactor_iteration_go_to_the_thread_together(reactor, worker, tmp_path):
+    """Jobs submitted during one reactor iteration reach the flush thread
+    only once the iteration's events are handled, all together: one round
+    fsyncs their five files and their directory once."""
+    reactor.iteration = []
+    jobs = [worker.submit(write_job(str(tmp_path / f"m{i}"), b"x", [])) for i in range(5)]
+    assert worker.rounds == 0 and worker.fsyncs.paths == []  # nothing handed over yet
+    reactor.end_iteration()
+    reactor.iteration = None
+    for d in jobs:
+        reactor.run_until(d)
+    files = sorted(str(tmp_path / f"m{i}") for i in range(5))
+    assert sorted(worker.fsyncs.paths[:5]) == files
+    assert worker.fsyncs.paths[5] == str(tmp_path)
+    assert worker.rounds == 2 and worker.fsyncs.paths.count(str(tmp_path)) == 2  # the renames: one round too
 
 
 def test_jobs_arriving_during_a_round_share_the_next_rounds_fsyncs(reactor, worker, tmp_path):
