@@ -265,6 +265,9 @@ def test_connections_per_client_limit(tmp_path):
     server = RealServer(tmp_path / "server", sections={"smtp": {"max_connections_per_client": 2}})
     try:
         server.start()
+        # start() proved the port answers with a connection of its own: it
+        # counts against the limit until the server has seen it close.
+        wait_for(lambda: "disconnect from [127.0.0.1]" in server.log(this_run=True), 10, "the start-up probe released")
         first, second = (socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(2))
         for sock in (first, second):
             assert sock.recv(512).startswith(b"220 ")

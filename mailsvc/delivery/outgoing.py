@@ -34,11 +34,6 @@ class OutgoingMessage:
         self._converted: tuple[str, int] | Exception | None = None
         self._path: str | None = None
         self._closed = False
-        # In the spool's tmp/ when it has one: a crash leaves nothing there
-        # that recovery at start does not remove.
-        directory = getattr(spool, "directory", None)
-        tmp = os.path.join(directory, "tmp") if directory is not None else None
-        self._directory = tmp if tmp is not None and os.path.isdir(tmp) else None
 
     def open(self):
         """The message as queued (a binary file)."""
@@ -65,9 +60,17 @@ class OutgoingMessage:
         assert isinstance(self._converted, tuple)
         return open(self._converted[0], "rb")
 
+    def _temp_directory(self) -> str | None:
+        """The spool's tmp/ when it has one (a crash leaves nothing there that
+        recovery at start does not remove); else the system's. Looked up only
+        when a conversion is made, not for every message relayed."""
+        directory = getattr(self._spool, "directory", None)
+        tmp = os.path.join(directory, "tmp") if directory is not None else None
+        return tmp if tmp is not None and os.path.isdir(tmp) else None
+
     def _convert(self) -> tuple[str, int]:
         """Blocking: write the 7-bit form to a temporary file; its path and size."""
-        fd, path = tempfile.mkstemp(prefix="downgrade.", suffix=".tmp", dir=self._directory)
+        fd, path = tempfile.mkstemp(prefix="downgrade.", suffix=".tmp", dir=self._temp_directory())
         self._path = path
         try:
             with os.fdopen(fd, "wb") as out, self._spool.open(self._message) as source:
