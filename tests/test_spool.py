@@ -1,6 +1,7 @@
 """The file spool: atomic commit, crash recovery, streaming, control files."""
 
 import errno
+import io
 import os
 import re
 import subprocess
@@ -89,6 +90,26 @@ def test_open_without_headers_reads_only_data(tmp_path):
     with spool.open(message) as f:
         chunks = iter(lambda: f.read(5), b"")
         assert b"".join(chunks) == DATA
+
+
+def test_open_is_seekable_across_headers_and_data(tmp_path):
+    """The reader tells its size without reading through (seek to the end:
+    the relay's SIZE= of a big message), and reads right from any position,
+    in the prepended headers or in the data."""
+    spool = FileSpool(tmp_path)
+    [message] = queue(spool)
+    whole = ENVELOPE.prepend_headers[0].encode() + b"\r\n" + DATA
+    with spool.open(message) as f:
+        assert f.seekable()
+        assert f.readline() == ENVELOPE.prepend_headers[0].encode() + b"\r\n"
+        assert f.seek(0, io.SEEK_END) == len(whole)
+        assert f.read() == b""
+        for position in (0, 3, len(whole) - len(DATA), len(whole) - 2):
+            f.seek(position)
+            assert f.read() == whole[position:]
+        f.seek(5)
+        f.seek(4, io.SEEK_CUR)
+        assert f.tell() == 9 and f.read(4) == whole[9:13]
 
 
 def test_open_with_several_headers(tmp_path):

@@ -81,6 +81,7 @@ downgrade limit (it is converted in memory).
 from __future__ import annotations
 
 import dataclasses
+import io
 import ipaddress
 from collections.abc import Callable, Iterable
 
@@ -263,7 +264,8 @@ class RelayAgent:
 
     def _scan(self, message: QueuedMessage) -> tuple[int, int]:
         """Blocking: the message's size in octets (as it will be sent, before
-        dot-stuffing) and how many ``Received:`` headers it has."""
+        dot-stuffing) and how many ``Received:`` headers it has. Only the
+        header section is read when the spool's file can tell its size."""
         size = received = 0
         with self._spool.open(message) as source:
             while True:
@@ -273,6 +275,8 @@ class RelayAgent:
                     break  # the end of the header section (rfc5322 2.1)
                 if line[:9].lower() == b"received:":
                     received += 1
+            if source.seekable():
+                return source.seek(0, io.SEEK_END), received
             while chunk := source.read(CHUNK_SIZE):
                 size += len(chunk)
         return size, received

@@ -159,11 +159,15 @@ def _unlink_quietly(path: pathlib.Path) -> None:
 
 
 class _PrefixedReader(io.RawIOBase):
-    """Reads ``head`` then the whole of ``file``, without copying ``file``."""
+    """Reads ``head`` then the whole of ``file``, without copying ``file``.
+
+    Seekable, so a reader can learn the size (``seek(0, SEEK_END)``)
+    without reading the data through."""
 
     def __init__(self, head: bytes, file: io.RawIOBase) -> None:
         super().__init__()
         self._head = io.BytesIO(head)
+        self._head_size = len(head)
         self._file = file
 
     def readable(self) -> bool:
@@ -174,6 +178,25 @@ class _PrefixedReader(io.RawIOBase):
         if count:
             return count
         return self._file.readinto(buffer)
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._head.tell() + self._file.tell()
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_CUR:
+            offset += self.tell()
+        elif whence == io.SEEK_END:
+            offset += self._head_size + os.fstat(self._file.fileno()).st_size
+        elif whence != io.SEEK_SET:
+            raise ValueError(f"invalid whence: {whence!r}")
+        if offset < 0:
+            raise ValueError(f"negative seek position {offset}")
+        self._head.seek(min(offset, self._head_size))
+        self._file.seek(max(offset - self._head_size, 0))
+        return offset
 
     def close(self) -> None:
         if not self.closed:
