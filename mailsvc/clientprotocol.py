@@ -294,6 +294,11 @@ class _BodySender:
     def resumeProducing(self) -> None:
         # The first BDAT chunk is held back by the machine (for LAST): read
         # on until something is written, or a pull transport waits forever.
+        # After a short read the end of the file is most likely next: one
+        # more read now lets the end of data go out in the same write as the
+        # last of the body (a small message: one send, not two). Never more
+        # than one chunk beyond what the transport asked for.
+        read_on = False
         while not self.stopped:
             if not self.protocol.machine.data_wanted:
                 self.stalled = True
@@ -310,7 +315,9 @@ class _BodySender:
                 self.protocol._body_done()
                 return
             if self.protocol._body_chunk(chunk):
-                return
+                if read_on or len(chunk) >= CHUNK_SIZE:
+                    return
+                read_on = True
 
     def stopProducing(self) -> None:
         self.stopped = True
@@ -347,6 +354,7 @@ class SMTPClientProtocol(Protocol):
         self._sender: _BodySender | None = None
         self._data_sent = False
         self._timer = None
+        self._timer_phase = ""  # the timeout phase the timer is for
         self._gone = False
         self._failure: SMTPSessionError | None = None  # why the session ended, once it has
         self._ready_settled = False  # ready's callback or errback is on its way
@@ -476,7 +484,20 @@ class SMTPClientProtocol(Protocol):
             self.transport.loseConnection()
 
     def _on_event(self, event: ev.ClientEvent) -> None:
-        if isinstance(event, SessionOpener.OPENING_EVENTS):
+        # The events of a transaction come first: they are most of them (the
+        # event classes are disjoint, so the order decides nothing else).
+        if isinstance(event, ev.RecipientResult):
+            if self._result is not None:
+                self._result.recipients[event.address] = event.reply
+        elif isinstance(event, ev.StartData):
+            self._start_body()
+        elif isinstance(event, ev.MessageResult):
+            result = self._result or SendResult()
+            result.reply, result.accepted = event.reply, event.recipients
+            self._finish(result)
+        elif isinstance(event, ev.TransactionFailed):
+            self._finish(SendResult(refusal=event.reply, synthetic=event.synthetic))
+        elif isinstance(event, SessionOpener.OPENING_EVENTS):
             if isinstance(event, ev.Ready) and self.machine.tls_active:
                 self._tls_handshake = False  # EHLO answered over TLS
             try:
@@ -495,17 +516,6 @@ class SMTPClientProtocol(Protocol):
             if not self.machine.closed:
                 self.machine.quit()  # rfc5321 3.1: after a 554 greeting, QUIT
             self._fail(error)
-        elif isinstance(event, ev.RecipientResult):
-            if self._result is not None:
-                self._result.recipients[event.address] = event.reply
-        elif isinstance(event, ev.StartData):
-            self._start_body()
-        elif isinstance(event, ev.TransactionFailed):
-            self._finish(SendResult(refusal=event.reply, synthetic=event.synthetic))
-        elif isinstance(event, ev.MessageResult):
-            result = self._result or SendResult()
-            result.reply, result.accepted = event.reply, event.recipients
-            self._finish(result)
         elif isinstance(event, ev.ConnectionFailed):
             self._fail(SMTPSessionError(f"session ended: {event.reply}", event.reply, self._data_sent))
         elif isinstance(event, ev.ProtocolError):
@@ -592,21 +602,33 @@ class SMTPClientProtocol(Protocol):
 
     def _restart_timer(self) -> None:
         """rfc5321 4.5.3.2: one timer for the reply (or data block) due now."""
-        self._cancel_timer()
-        if self._gone:
-            return
-        phase = self.machine.timeout_phase
+        phase = None if self._gone else self.machine.timeout_phase
         if phase is None:
+            self._cancel_timer()
             return
-        self._timer = self.clock.callLater(self.timeouts[phase], self._timed_out, phase)
+        seconds = self.timeouts[phase]
+        timer, self._timer_phase = self._timer, phase
+        if timer is not None and timer.active():
+            # Restarted several times per message: moving the timer later
+            # in place (DelayedCall.reset) costs less than a new one. reset
+            # keeps the move as an offset from the old time; when
+            # time <= deadline <= 2 * time that offset is exact in floating
+            # point (Sterbenz), so the timer fires at exactly the deadline a
+            # new one would have.
+            deadline = self.clock.seconds() + seconds
+            if timer.time <= deadline <= 2 * timer.time:
+                timer.reset(seconds)
+                return
+            timer.cancel()
+        self._timer = self.clock.callLater(seconds, self._timed_out)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
 
-    def _timed_out(self, phase: str) -> None:
-        self._timer = None
+    def _timed_out(self) -> None:
+        self._timer, phase = None, self._timer_phase
         seconds = self.timeouts[phase]
         log.info("timeout ({phase}, {seconds:g} s) talking to {peer}", phase=phase, seconds=seconds, peer=self.peer)
         if self._tls_handshake:

@@ -30,7 +30,7 @@ class OutgoingMessage:
         self._message = message
         self._blocking = run_blocking
         self._limit = limit
-        self._lock = defer.DeferredLock()
+        self._lock: defer.DeferredLock | None = None  # made when a peer needs 7-bit: most never do
         self._converted: tuple[str, int] | Exception | None = None
         self._path: str | None = None
         self._closed = False
@@ -45,6 +45,8 @@ class OutgoingMessage:
         :raise CannotDowngrade: it cannot be made 7-bit.
         :raise OSError: reading or writing failed.
         """
+        if self._lock is None:
+            self._lock = defer.DeferredLock()
         async with self._lock:
             if self._converted is None:
                 try:

@@ -117,9 +117,13 @@ class ConnectionPool:
             protocol.abort()
         elif reuse and not self._closed and slot.uses < self._max_uses:
             slot.idle_since = self._clock.seconds()
-            slot._timer = self._clock.callLater(self._idle_timeout, self._expire, slot)
             self._idle.setdefault(slot.destination, []).append(slot)
             self._serve()
+            # The idle timer only once nobody waiting has taken it: with a
+            # backlog it is handed on at once, and a timer set and cancelled
+            # for each message would be wasted.
+            if slot._timer is None and slot in self._idle.get(slot.destination, ()):
+                slot._timer = self._clock.callLater(self._idle_timeout, self._expire, slot)
         else:
             self._quit(slot)
 
@@ -155,13 +159,19 @@ class ConnectionPool:
         """Hand out what the caps allow, in order of arrival; close idle
         connections elsewhere for those only the total cap holds back."""
         ready, held_by_total = [], 0
+        # Destinations at their cap with no idle connection: they stay so for
+        # this pass, so the many callers often waiting for one are skipped fast.
+        blocked = set()
         for destination, d in list(self._waiting):
+            if destination in blocked:
+                continue
             slots = self._idle.get(destination)
             if slots:
                 slot = slots[-1]  # the most recently used
                 self._take(slot)
                 slot.reused = True
             elif self._counts.get(destination, 0) >= self._max_per_destination:
+                blocked.add(destination)
                 continue
             elif self._total >= self._max:
                 held_by_total += 1

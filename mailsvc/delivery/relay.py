@@ -81,6 +81,7 @@ downgrade limit (it is converted in memory).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import ipaddress
 from collections.abc import Callable, Iterable
@@ -201,6 +202,7 @@ class RelayAgent:
         self._blocking = run_blocking or defer.maybeDeferred
         self._downgrade_limit = downgrade_limit
         self._checked_tls: dict = {}  # (names, ca_file) -> ClientTLSContext, built once
+        self._route_securities: dict = {}  # RouteConfig without AUTH -> its SessionSecurity
         self._pool = ConnectionPool(
             clock,
             relay_config.max_connections,
@@ -249,6 +251,12 @@ class RelayAgent:
             by_domain.setdefault(address.rpartition("@")[2].lower().rstrip("."), []).append(address)
         content = OutgoingMessage(self._spool, message, self._blocking, self._downgrade_limit)
         try:
+            if len(by_domain) == 1:
+                # The common case, one domain: awaited here, without the
+                # Deferred and the gathering that running domains side by
+                # side needs (_deliver_domain_safely never raises).
+                [(domain, addresses)] = by_domain.items()
+                return await self._deliver_domain_safely(message, content, domain, addresses, size)
             outcomes = await defer.gatherResults(
                 [
                     defer.Deferred.fromCoroutine(self._deliver_domain_safely(message, content, domain, addresses, size))
@@ -295,16 +303,6 @@ class RelayAgent:
         if not domain:
             return _all(addresses, PermanentDeliveryError("recipient address has no domain", "5.1.3"))
         envelope = message.envelope
-        valid = []
-        for address in addresses:
-            try:
-                Transaction("", (address,))
-            except ValueError as e:
-                results[address] = PermanentDeliveryError(f"bad recipient address <{address}>: {e}", "5.1.3")
-            else:
-                valid.append(address)
-        if not valid:
-            return results
         mail_params = {}
         for key in _PASSED_ON:
             value = envelope.parameter(key)
@@ -312,23 +310,29 @@ class RelayAgent:
                 mail_params[key] = value or None
         body_8bit = (envelope.parameter("BODY") or "").upper() == "8BITMIME"
         by_address = {r.address: r for r in envelope.recipients}
-        rcpts = tuple((address, dsn_parameters(by_address.get(address))) for address in valid)
+        rcpts = tuple((address, dsn_parameters(by_address.get(address))) for address in addresses)
         try:
-            try:
-                transaction = Transaction(envelope.sender, rcpts, mail_params, size=size, body_8bit=body_8bit)
-            except ValueError:
-                # A parameter we cannot repeat is dropped rather than the message.
-                transaction = Transaction(envelope.sender, tuple(valid), {}, size=size, body_8bit=body_8bit)
-        except ValueError as e:
-            # rfc3463 3.2: X.1.7 bad sender's mailbox address syntax.
-            return {**results, **_all(valid, PermanentDeliveryError(f"bad envelope: {e}", "5.1.7"))}
+            # The whole envelope is checked once; only when something in it
+            # is wrong is it taken apart to find what (_checked_transaction).
+            transaction = Transaction(envelope.sender, rcpts, mail_params, size=size, body_8bit=body_8bit)
+            valid = addresses
+        except ValueError:
+            transaction, valid, results = _checked_transaction(envelope, addresses, by_address, mail_params, size, body_8bit)
+            if transaction is None:
+                return results
 
         route = self._config.route_for(domain)
         if route is not None:
-            try:
-                security = await self._route_security(route)
-            except DeliveryError as e:
-                return {**results, **_all(valid, e)}
+            # Nothing changes in a route's security between messages but a
+            # password, read again for each message: without one it is made once.
+            security = self._route_securities.get(route)
+            if security is None:
+                try:
+                    security = await self._route_security(route)
+                except DeliveryError as e:
+                    return {**results, **_all(valid, e)}
+                if not route.username:
+                    self._route_securities[route] = security
             targets = [(route.host, route.host, route.port)]
         else:
             try:
@@ -340,8 +344,9 @@ class RelayAgent:
         last: DeliveryError = TemporaryDeliveryError(f"no host to try for {domain}", "4.4.4")
         for name, host, port in targets:
             if route is None:
-                # An MX host: opportunistic STARTTLS, no check (no MTA-STS, no DANE).
-                key, host_security = (host, port), _opportunistic(name)
+                # An MX host: opportunistic STARTTLS, no check (no MTA-STS, no
+                # DANE); its TLS context is made only if a connection is opened.
+                key, host_security = (host, port), functools.partial(_opportunistic, name)
             else:
                 # A route's connections are its own: its TLS and AUTH differ.
                 plain = route.tls == "opportunistic" and not route.username
@@ -402,7 +407,8 @@ class RelayAgent:
     async def _attempt(self, message, content, transaction, name, host, port, security=None, key=None):
         """One transaction with ``host:port``: on an idle connection kept from
         an earlier message (under ``key``, default ``(host, port)``), else a
-        new one opened with ``security``, under the connection caps.
+        new one opened with ``security`` (a ``SessionSecurity``, or a function
+        making one when a connection is opened), under the connection caps.
 
         Returns the per-recipient results (done with this domain), or a
         ``DeliveryError``: temporary to try the next address, permanent to
@@ -415,6 +421,8 @@ class RelayAgent:
             while True:
                 reused = slot.protocol is not None
                 if not reused:
+                    if not isinstance(security, SessionSecurity):
+                        security = security()
                     error = await self._connect(slot, host, port, where, security)
                     if error is not None:
                         self._pool.release(slot, reuse=False)
@@ -531,6 +539,35 @@ class RelayAgent:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _checked_transaction(envelope, addresses, by_address, mail_params, size, body_8bit):
+    """The transaction for ``addresses`` when their envelope did not pass as a
+    whole: ``(transaction or None, valid addresses, errors)``. A bad recipient
+    fails alone (5.1.3); parameters we cannot repeat are dropped rather than
+    the message; a bad sender fails every recipient (5.1.7)."""
+    results: dict = {}
+    valid = []
+    for address in addresses:
+        try:
+            Transaction("", (address,))
+        except ValueError as e:
+            results[address] = PermanentDeliveryError(f"bad recipient address <{address}>: {e}", "5.1.3")
+        else:
+            valid.append(address)
+    if not valid:
+        return None, valid, results
+    rcpts = tuple((address, dsn_parameters(by_address.get(address))) for address in valid)
+    try:
+        try:
+            transaction = Transaction(envelope.sender, rcpts, mail_params, size=size, body_8bit=body_8bit)
+        except ValueError:
+            # A parameter we cannot repeat is dropped rather than the message.
+            transaction = Transaction(envelope.sender, tuple(valid), {}, size=size, body_8bit=body_8bit)
+    except ValueError as e:
+        # rfc3463 3.2: X.1.7 bad sender's mailbox address syntax.
+        return None, valid, {**results, **_all(valid, PermanentDeliveryError(f"bad envelope: {e}", "5.1.7"))}
+    return transaction, valid, results
 
 
 def _all(addresses: Iterable[str], error: DeliveryError | None) -> dict:

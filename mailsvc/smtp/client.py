@@ -105,6 +105,11 @@ class _Tag(enum.Enum):
     AUTH = "AUTH"
     TURN = "TURN"  # TURN or ATRN
 
+    # Tags key the tables below, looked up for every reply: the members are
+    # singletons compared by identity, so the identity hash (in C) serves,
+    # not Enum's own (a Python call).
+    __hash__ = object.__hash__
+
 
 # rfc5321 4.5.3.2: which timeout applies while each reply is due. Commands
 # that 4.5.3.2 does not name get the 5-minute per-command one ("mail").
@@ -436,6 +441,8 @@ class ClientConnection:
         """Only the parameters of extensions the server offers (rfc5321 4.1.1.3:
         the client "MUST NOT transmit parameters other than those associated
         with a service extension offered by the server")."""
+        if not params:
+            return {}
         return {k: v for k, v in params.items() if PARAMETER_EXTENSION.get(k, k) in self.extensions}
 
     def _close(self, event: ev.ClientEvent) -> None:
@@ -700,6 +707,8 @@ _REPLY_HANDLERS = {
 
 def _command(head: str, params: dict) -> bytes:
     """A command line with its ESMTP parameters (rfc5321 4.1.2 Mail-parameters)."""
+    if not params:
+        return (head + "\r\n").encode("utf-8")
     parts = [head] + [key if value is None else f"{key}={value}" for key, value in params.items()]
     return (" ".join(parts) + "\r\n").encode("utf-8")
 

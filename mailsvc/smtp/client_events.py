@@ -10,6 +10,7 @@ last two it is closed.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -22,6 +23,7 @@ ESMTP_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
 # rfc5321 4.1.2 esmtp-value: %d33-60 / %d62-126, widened to UTF-8 by rfc6531 3.3.
 _VALUE = re.compile(r"[^\x00-\x20=\x7f]+\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
 # Set by the machine from ``Transaction.size`` and ``body_8bit``, never by hand.
 MACHINE_PARAMETERS = frozenset({"SIZE", "BODY"})
 
@@ -65,10 +67,17 @@ class Transaction:
     @property
     def needs_smtputf8(self) -> bool:
         """True when the envelope or the caller asks for SMTPUTF8 (rfc6531 3.4)."""
-        addresses = [self.sender, *(address for address, _ in self.recipients)]
-        return "SMTPUTF8" in self.mail_params or not all(a.isascii() for a in addresses)
+        return (
+            "SMTPUTF8" in self.mail_params
+            or not self.sender.isascii()
+            or not all(address.isascii() for address, _ in self.recipients)
+        )
 
 
+# A pure function of its arguments, and the same senders and recipients come
+# again and again: the addresses that passed are remembered (a failure raises,
+# and is never remembered).
+@functools.lru_cache(maxsize=4096)
 def _check_address(address: str, *, null_allowed: bool) -> None:
     """Refuse what could break the command line; rfc6531 allows UTF-8."""
     if address == "" and null_allowed:
@@ -78,7 +87,7 @@ def _check_address(address: str, *, null_allowed: bool) -> None:
     if _CONTROL.search(address):
         raise ValueError(f"control character in address {address!r}")
     # Non-ASCII is checked as the ASCII letter it stands in for (rfc6531 3.3).
-    check_mailbox(re.sub(r"[^\x00-\x7f]", "a", address))
+    check_mailbox(address if address.isascii() else _NON_ASCII.sub("a", address))
 
 
 def _check_params(params: dict) -> dict:

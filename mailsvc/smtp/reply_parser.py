@@ -24,6 +24,8 @@ from mailsvc.smtp.replies import Reply
 
 MAX_REPLY_LINE = 512  # rfc5321 4.5.3.1.5, CRLF included
 MAX_REPLY_LINES = 100
+# One-line replies remembered per parser, line -> Reply (see ReplyParser).
+KNOWN_REPLIES = 16
 
 # rfc5321 4.2: Reply-code = %x32-35 %x30-35 %x30-39
 _CODE = re.compile(rb"[2-5][0-5][0-9]\Z")
@@ -46,12 +48,19 @@ class ReplyParser:
     ``feed(data)`` buffers; ``next_reply()`` returns the next whole reply,
     ``None`` if more bytes are needed, or a ``MalformedReply`` once (after
     which it returns ``None`` for ever: ``failed`` is set).
+
+    A server says the same one-line replies again and again on one
+    connection ("250 2.1.0 Ok" to each MAIL, "354 ..." to each DATA): the
+    first ``KNOWN_REPLIES`` of them are remembered, and the same line again
+    gives the same (immutable) ``Reply`` without being parsed again. A
+    one-line reply depends on nothing but its line.
     """
 
     def __init__(self) -> None:
         self._buf = bytearray()
         self._lines: list[str] = []  # text of the lines of the reply so far
         self._code = b""  # their code
+        self._known: dict[bytes, Reply] = {}  # one-line replies seen: line -> Reply
         self.failed: MalformedReply | None = None
 
     def feed(self, data: bytes) -> None:
@@ -65,6 +74,7 @@ class ReplyParser:
         rest = bytes(self._buf)
         self._buf.clear()
         self._lines, self._code = [], b""
+        self._known.clear()
         return rest
 
     @property
@@ -75,6 +85,8 @@ class ReplyParser:
     def next_reply(self) -> Reply | MalformedReply | None:
         """The next complete reply; see the class docstring."""
         while self.failed is None:
+            if not self._buf:
+                return None  # the common case once the replies received are read
             end = self._buf.find(b"\r\n")
             if end < 0:
                 pending = len(self._buf) - (1 if self._buf.endswith(b"\r") else 0)
@@ -85,6 +97,10 @@ class ReplyParser:
             del self._buf[: end + 2]
             if end + 2 > MAX_REPLY_LINE:
                 return self._fail("reply line too long", line[:80])
+            if not self._lines:
+                reply = self._known.get(line)
+                if reply is not None:
+                    return reply
             reply = self._line(line)
             if reply is not None:
                 return reply
@@ -112,7 +128,10 @@ class ReplyParser:
         if separator == b"-":
             return None
         lines, self._lines, self._code = self._lines, [], b""
-        return _reply(int(code), lines)
+        reply = _reply(int(code), lines)
+        if len(lines) == 1 and len(self._known) < KNOWN_REPLIES:
+            self._known[line] = reply
+        return reply
 
 
 def _reply(code: int, lines: list[str]) -> Reply:
