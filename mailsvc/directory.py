@@ -19,12 +19,21 @@ POSTMASTER = "postmaster"
 
 @implementer(IRecipientDirectory)
 class ConfigDirectory:
-    """Recipients from a ``LocalConfig`` (``[local]``): users and aliases."""
+    """Recipients from a ``LocalConfig`` (``[local]``): users and aliases.
+
+    What it holds does not change once made (a new config makes a new
+    directory), so the answers of ``resolve`` are kept.
+    """
 
     def __init__(self, local) -> None:
         self.domains = tuple(local.domains)
         self.users = dict(local.users)
         self.aliases = dict(local.aliases)
+        # (local part, domain) -> resolve's answer, for known names only: at
+        # most (users + aliases) x domains entries, whatever clients ask.
+        # Expanding aliases and making the LocalMailbox values cost more
+        # than the rest of a RCPT lookup.
+        self._resolved: dict[tuple[str, str], tuple[LocalMailbox, ...]] = {}
 
     def isLocalDomain(self, domain: str) -> bool:
         """Whether ``domain`` is local; case and a trailing dot do not matter."""
@@ -51,11 +60,16 @@ class ConfigDirectory:
         split = self._split(address)
         if split is None:
             return ()
-        local, domain = split
-        return tuple(
-            LocalMailbox(f"{user}@{domain}", user, self.users.get(user, ""))
-            for user in expandAlias(local, self.users, self.aliases)
-        )
+        mailboxes = self._resolved.get(split)
+        if mailboxes is None:
+            local, domain = split
+            mailboxes = tuple(
+                LocalMailbox(f"{user}@{domain}", user, self.users.get(user, ""))
+                for user in expandAlias(local, self.users, self.aliases)
+            )
+            if mailboxes:
+                self._resolved[split] = mailboxes
+        return mailboxes
 
     def expand(self, address: str) -> tuple[str, ...] | None:
         """The members of alias ``address`` (one level, ``member@domain``), or None if not an alias."""

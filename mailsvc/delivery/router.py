@@ -45,6 +45,8 @@ class Router:
 
     def routes(self, recipients: Iterable[Recipient]) -> dict[str, tuple[Recipient, ...]]:
         """Group recipients by hop, keeping their order."""
+        if type(recipients) is tuple and len(recipients) == 1:  # the common case: nothing to group
+            return {self.hop_for(recipients[0]): recipients}
         grouped: dict[str, list[Recipient]] = {}
         for recipient in recipients:
             grouped.setdefault(self.hop_for(recipient), []).append(recipient)
@@ -91,7 +93,7 @@ def find_recipients(directory, address: str, original: str = ""):
     domain = domain.lower().rstrip(".")
     if domain:
         is_local = directory.isLocalDomain(domain)
-        if isinstance(is_local, _LATER):
+        if _later(is_local):
             return _deferred(is_local).addCallback(_in_domain, directory, address, original)
         if not is_local:
             return [Recipient(address=address, original=original)]
@@ -106,7 +108,7 @@ def _in_domain(is_local, directory, address: str, original: str):
 
 def _resolve(directory, address: str, original: str):
     mailboxes = directory.resolve(address)
-    if isinstance(mailboxes, _LATER):
+    if _later(mailboxes):
         return _deferred(mailboxes).addCallback(_recipients, original)
     return _recipients(mailboxes, original)
 
@@ -114,10 +116,36 @@ def _resolve(directory, address: str, original: str):
 def _recipients(mailboxes, original: str):
     if not mailboxes:
         return None
-    return [Recipient(address=m.address, original=original, mailbox=m.mailbox) for m in mailboxes]
+    return [_local_recipient(m.address, original, m.mailbox) for m in mailboxes]
+
+
+# Local recipients made by _recipients, kept: a Recipient is frozen, so one
+# serves every message to the same address, and making one (a frozen
+# dataclass of nine fields) costs more than the rest of a RCPT lookup.
+# Bounded: ``original`` is what the client says.
+_made: dict[tuple[str, str, str], Recipient] = {}
+_MAX_MADE = 4096
+
+
+def _local_recipient(address: str, original: str, mailbox: str) -> Recipient:
+    key = (address, original, mailbox)
+    recipient = _made.get(key)
+    if recipient is None:
+        if len(_made) >= _MAX_MADE:
+            _made.clear()
+        recipient = _made[key] = Recipient(address=address, original=original, mailbox=mailbox)
+    return recipient
 
 
 _LATER = (defer.Deferred, Failure)  # answers that maybeDeferred does not wrap in succeed()
+# Plain answers of a directory (ConfigDirectory's): no isinstance against
+# _LATER for them, which costs a call (Deferred is an abc.ABCMeta class).
+_PLAIN = frozenset({bool, tuple, list, type(None)})
+
+
+def _later(answer) -> bool:
+    """Whether a directory's ``answer`` comes later (a Deferred) or is a Failure."""
+    return type(answer) not in _PLAIN and isinstance(answer, _LATER)
 
 
 def _deferred(answer) -> defer.Deferred:

@@ -43,6 +43,13 @@ _NO_LINK_ERRNOS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno
 
 _counter = itertools.count(1)
 _counterLock = threading.Lock()
+# os.getpid() is a system call; uniqueName asks for it at each delivery. The
+# process id is kept, and forgotten in a child made by fork (which has its own).
+_pid: int | None = None
+# How a message file is made in tmp/: a new file, never through a symlink.
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+# MaildirStore keeps the paths of this many mailboxes at most (then starts over).
+_MAX_KEPT_PATHS = 10_000
 
 # Group commit (mailsvc.spool.groupsync): deliveries linking into new/ at
 # the same moment share the fsync of that directory.
@@ -74,7 +81,22 @@ def uniqueName(hostname: str, now: float | None = None) -> str:
     usec = int((now - seconds) * 1_000_000)
     with _counterLock:
         n = next(_counter)
-    return f"{seconds}.M{usec}P{os.getpid()}Q{n}.{escapeHostname(hostname)}"
+    return f"{seconds}.M{usec}P{_pid or _processId()}Q{n}.{escapeHostname(hostname)}"
+
+
+def _processId() -> int:
+    """This process's id (``os.getpid()``), kept until a fork."""
+    global _pid
+    _pid = os.getpid()
+    return _pid
+
+
+def _forgetProcessId() -> None:
+    global _pid
+    _pid = None
+
+
+os.register_at_fork(after_in_child=_forgetProcessId)
 
 
 @implementer(IFlushingMailboxStore, IMailboxAccess)
@@ -87,6 +109,9 @@ class MaildirStore:
     def __init__(self, path: str, hostname: str | None = None) -> None:
         self.path = path
         self.hostname = hostname if hostname is not None else socket.gethostname()
+        # mailbox -> (its maildir, its tmp/ with a slash, its new/, that with
+        # a slash): names checked and paths joined once, not per delivery.
+        self._paths: dict[str, tuple[str, str, str, str]] = {}
 
     def open(self, mailbox: str) -> MaildirSession:
         """``IMailboxAccess``: a reading session (POP3) on ``mailbox``
@@ -117,31 +142,35 @@ class MaildirStore:
         so that a ``FlushWorker`` shares fsyncs among deliveries. A big
         message yields an empty ``Flush`` after each MB copied: the steps
         run on the reactor thread, and other sessions get their turn."""
-        checkMailboxName(mailbox)
+        paths = self._paths.get(mailbox) if type(mailbox) is str else None
+        if paths is None:
+            paths = self._pathsOf(mailbox)
+        maildir, tmpPrefix, newDir, newPrefix = paths
         head = headerBytes(headers)
-        maildir = os.path.join(self.path, mailbox)
         if maildir not in _madeMaildirs:
             yield from self._createOrFail(maildir)
         name = uniqueName(self.hostname)
-        tmpPath = os.path.join(maildir, "tmp", name)
-        newDir = os.path.join(maildir, "new")
-        newPath = os.path.join(newDir, name)
+        tmpPath = tmpPrefix + name
+        newPath = newPrefix + name
         created = linked = False
         try:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             # Making the file allocates an inode: the driver does it (a flush
             # worker, in its own thread: it can take a while).
             try:
-                fd = yield OpenFile(tmpPath, flags, 0o600)
+                fd = yield OpenFile(tmpPath, _CREATE_FLAGS, 0o600)
             except FileNotFoundError:  # removed since we made it: make it again
                 _madeMaildirs.discard(maildir)
                 yield from self._createOrFail(maildir)
-                fd = yield OpenFile(tmpPath, flags, 0o600)
+                fd = yield OpenFile(tmpPath, _CREATE_FLAGS, 0o600)
             created = True
             try:
-                writeAll(fd, head)
-                copied = 0
-                for chunk in lfChunks(source):
+                chunks = lfChunks(source)
+                # The headers and the first chunk in one write: a small
+                # message (one chunk) is written by one system call.
+                first = next(chunks, b"")
+                writeAll(fd, head + first)
+                copied = len(first)
+                for chunk in chunks:
                     writeAll(fd, chunk)
                     copied += len(chunk)
                     if copied >= _TURN_EVERY:
@@ -164,6 +193,17 @@ class MaildirStore:
             if created:
                 _removeQuietly(tmpPath)
         return newPath
+
+    def _pathsOf(self, mailbox: str) -> tuple[str, str, str, str]:
+        """Check ``mailbox`` and make its paths (see ``__init__``); keep them."""
+        checkMailboxName(mailbox)
+        maildir = os.path.join(self.path, mailbox)
+        newDir = os.path.join(maildir, "new")
+        paths = (maildir, os.path.join(maildir, "tmp", ""), newDir, os.path.join(newDir, ""))
+        if len(self._paths) >= _MAX_KEPT_PATHS:
+            self._paths.clear()  # bounded memory, whatever names come
+        self._paths[mailbox] = paths
+        return paths
 
     def _createOrFail(self, maildir: str) -> Steps[None]:
         """Make ``maildir`` and its ``tmp/ new/ cur/`` (mode 0700) if missing,
