@@ -92,19 +92,20 @@ def test_open_without_headers_reads_only_data(tmp_path):
         assert b"".join(chunks) == DATA
 
 
-def test_open_is_seekable_across_headers_and_data(tmp_path):
+@pytest.mark.parametrize("data", [DATA, DATA * 2000], ids=["small, read whole", "big, streamed"])
+def test_open_is_seekable_across_headers_and_data(tmp_path, data):
     """The reader tells its size without reading through (seek to the end:
     the relay's SIZE= of a big message), and reads right from any position,
     in the prepended headers or in the data."""
     spool = FileSpool(tmp_path)
-    [message] = queue(spool)
-    whole = ENVELOPE.prepend_headers[0].encode() + b"\r\n" + DATA
+    [message] = queue(spool, data=data)
+    whole = ENVELOPE.prepend_headers[0].encode() + b"\r\n" + data
     with spool.open(message) as f:
         assert f.seekable()
         assert f.readline() == ENVELOPE.prepend_headers[0].encode() + b"\r\n"
         assert f.seek(0, io.SEEK_END) == len(whole)
         assert f.read() == b""
-        for position in (0, 3, len(whole) - len(DATA), len(whole) - 2):
+        for position in (0, 3, len(whole) - len(data), len(whole) - 2):
             f.seek(position)
             assert f.read() == whole[position:]
         f.seek(5)

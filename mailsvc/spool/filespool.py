@@ -78,6 +78,7 @@ _ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _RESERVED = frozenset({"tmp", "corrupt", "spent"})
 _FULL = frozenset(code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if code)
 _BUFFER = 64 * 1024
+_READ_WHOLE = 64 * 1024  # data files up to this size are read whole by open()
 
 # ---------------------------------------------------------------- names
 
@@ -487,8 +488,10 @@ class FileSpool:
                     self._log(f"spool: {e}")
         return sorted(messages, key=lambda m: (m.id, m.hop))
 
-    def open(self, message: QueuedMessage) -> io.BufferedReader:
-        """A binary file reading the prepend headers then the data (streamed).
+    def open(self, message: QueuedMessage) -> io.BufferedReader | io.BytesIO:
+        """A binary file reading the prepend headers then the data: streamed,
+        or read whole at once when the data is small (``_READ_WHOLE``: most
+        messages; one read, not a chain of buffered reads). Seekable.
 
         :raise OSError: the data file cannot be opened.
         """
@@ -496,6 +499,18 @@ class FileSpool:
         headers = message.envelope.prepend_headers
         head = ("\r\n".join(headers) + "\r\n").encode("utf-8", "surrogateescape") if headers else b""
         data = open(path, "rb", buffering=0)
+        try:
+            size = os.fstat(data.fileno()).st_size
+            if size <= _READ_WHOLE:  # committed data never changes: size is all of it
+                parts = [head]
+                while size > 0 and (part := data.read(size)):
+                    parts.append(part)
+                    size -= len(part)
+                data.close()
+                return io.BytesIO(b"".join(parts))
+        except BaseException:
+            data.close()
+            raise
         return io.BufferedReader(_PrefixedReader(head, data), buffer_size=_BUFFER)
 
     # -------------------------------------------------------- changing
