@@ -27,6 +27,7 @@ from mailsvc.spool import FileSpool
 from mailsvc.store import CHUNK_SIZE, headerBytes, lfChunks, writeAll
 from mailsvc.store import maildir
 from mailsvc.store.maildir import MaildirStore, uniqueName
+from test_local_agent import result_of
 
 HEADERS = ["Return-Path: <alice@example.test>", "Delivered-To: bob@example.test"]
 ENVELOPE = Envelope(
@@ -237,19 +238,12 @@ def _agent(tmp_path, store, recipients=(BOB,)):
     return agent, message, events
 
 
-def _result(d):
-    results = []
-    d.addBoth(results.append)
-    assert results, "the Deferred has not fired"
-    return results[0]
-
-
 def test_one_recipient_results_through_the_steps(tmp_path):
     """One recipient: delivered gives {address: None}; a failing store gives
     {address: error}, errors mapped as for many recipients."""
     store = MaildirStore(str(tmp_path / "mail"), hostname="mx.test")
     agent, message, _ = _agent(tmp_path, store)
-    assert _result(agent.deliver(message)) == {"bob@example.test": None}
+    assert result_of(agent.deliver(message)) == {"bob@example.test": None}
     [name] = os.listdir(tmp_path / "mail" / "bob" / "new")
     assert (tmp_path / "mail" / "bob" / "new" / name).read_bytes() == (
         b"Return-Path: <alice@example.test>\nDelivered-To: bob@example.test\n"
@@ -262,7 +256,7 @@ def test_one_recipient_results_through_the_steps(tmp_path):
             yield
 
     agent, message, events = _agent(tmp_path / "2", Broken(str(tmp_path / "mail2")))
-    [(address, error)] = _result(agent.deliver(message)).items()
+    [(address, error)] = result_of(agent.deliver(message)).items()
     assert address == "bob@example.test"
     assert isinstance(error, TemporaryDeliveryError) and error.status == "4.3.0"
     assert str(error) == "4.3.0 internal error: KeyError: 'surprise'"
@@ -273,7 +267,7 @@ def test_one_recipient_without_mailbox(tmp_path):
     """One recipient with no mailbox: {address: 5.1.1 error} at once."""
     store = MaildirStore(str(tmp_path / "mail"), hostname="mx.test")
     agent, message, _ = _agent(tmp_path, store, [Recipient("x@example.test")])
-    [(address, error)] = _result(agent.deliver(message)).items()
+    [(address, error)] = result_of(agent.deliver(message)).items()
     assert address == "x@example.test"
     assert isinstance(error, PermanentDeliveryError) and error.status == "5.1.1"
 
