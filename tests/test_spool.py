@@ -17,6 +17,7 @@ from mailsvc.envelope import Envelope, QueuedMessage, Recipient, RecipientState
 from mailsvc.errors import SpoolError
 from mailsvc.interfaces import IMessageWriter, ISpool
 from mailsvc.spool import FileSpool, control, filespool
+from mailsvc.spool import writer as writer_module
 
 ENVELOPE = Envelope(
     sender="alice@example.test",
@@ -242,7 +243,7 @@ class FullFile:
 def test_write_failure_raises_spool_error(tmp_path, monkeypatch):
     """A write that fails for lack of space raises SpoolError(temporary_full=True);
     abort() then removes the partial file."""
-    monkeypatch.setattr(filespool, "open", lambda *a, **k: FullFile(open(*a, **k), 10), raising=False)
+    monkeypatch.setattr(writer_module, "open", lambda *a, **k: FullFile(open(*a, **k), 10), raising=False)
     spool = FileSpool(tmp_path)
     writer = spool.newMessage()
     writer.write(b"0123456789")

@@ -46,117 +46,40 @@ data and control files (``mailsvc.spool.recycle``): no file is created or
 deleted per message once the spool is warm.
 
 Everything here is blocking; callers choose the thread. One process owns a
-spool directory.
+spool directory. The writer of a message being received is
+``mailsvc.spool.writer.SpoolWriter``; queue ids and hop names are in
+``mailsvc.spool.common``.
 """
 
 from __future__ import annotations
 
-import errno
 import io
-import itertools
 import logging
 import os
 import pathlib
-import re
-import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 
 from zope.interface import implementer
 
-from mailsvc.durable import Flush, Steps, fsync_directory, run_steps
-from mailsvc.envelope import Envelope, QueuedMessage, Recipient
+from mailsvc.durable import fsync_directory
+from mailsvc.envelope import Envelope, QueuedMessage
 from mailsvc.errors import SpoolError
-from mailsvc.interfaces import IMessageWriter, ISpool
+from mailsvc.interfaces import ISpool
 from mailsvc.spool import control
+from mailsvc.spool.common import HOP_RE, ID_RE, RESERVED, check_hop, check_id, new_id, spool_error, unlink_quietly
 from mailsvc.spool.groupsync import DirectorySyncer
 from mailsvc.spool.recycle import LIMIT, SpentFiles
+from mailsvc.spool.writer import SpoolWriter, open_control, write_all
 
-_HOP_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
-_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_RESERVED = frozenset({"tmp", "corrupt", "spent"})
-_FULL = frozenset(code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if code)
-_BUFFER = 64 * 1024
+__all__ = ["FileSpool", "SpoolWriter", "check_hop", "new_id"]
+
+_BUFFER = 64 * 1024  # of the readers open() makes
 _READ_WHOLE = 64 * 1024  # data files up to this size are read whole by open()
 
-# ---------------------------------------------------------------- names
 
-_BASE32 = "0123456789abcdefghijklmnopqrstuv"  # base32hex, lower case: sorts as ASCII
-_counter = itertools.count(secrets.randbelow(32**4))
-_counter_lock = threading.Lock()
-
-
-def _base32(number: int, width: int) -> str:
-    digits = []
-    for _ in range(width):
-        number, digit = divmod(number, 32)
-        digits.append(_BASE32[digit])
-    return "".join(reversed(digits))
-
-
-def new_id() -> str:
-    """A fresh queue ID: 20 characters of ``[0-9a-v]``, sortable by time.
-
-    Microseconds since the epoch (11 digits), then a per-process counter
-    (4 digits, starting at random), then 25 random bits (5 digits): unique
-    across restarts and across processes sharing a clock.
-    """
-    with _counter_lock:
-        count = next(_counter) % 32**4
-    return (
-        _base32(time.time_ns() // 1000, 11) + _base32(count, 4) + _base32(secrets.randbits(25), 5)
-    )
-
-
-def check_hop(hop: str) -> str:
-    """Return ``hop`` if it is safe as a directory name; raise ValueError if not.
-
-    A hop name is 1-200 of letters, digits, ``.``, ``_`` and ``-``, starting
-    with a letter or digit, and is not ``tmp``, ``corrupt`` or ``spent``.
-    """
-    if not isinstance(hop, str) or not _HOP_RE.fullmatch(hop) or hop.lower() in _RESERVED:
-        raise ValueError(f"not a usable hop name: {hop!r}")
-    return hop
-
-
-def _check_id(id: str) -> str:
-    if not isinstance(id, str) or not _ID_RE.fullmatch(id):
-        raise ValueError(f"not a queue id: {id!r}")
-    return id
-
-
-# ---------------------------------------------------------------- file helpers
-
-
-def _spool_error(text: str, error: OSError) -> SpoolError:
-    return SpoolError(f"{text}: {error}", temporary_full=error.errno in _FULL)
-
-
-def _open_control(temp: str, spent: SpentFiles) -> tuple[int, str, bool]:
-    """Open a file to write a control file in: a ready spent one, written in
-    place (``mailsvc.spool.recycle``), or else a new one at ``temp``. Its
-    descriptor, its path, and True if it is a spent one."""
-    taken = spent.open()
-    if taken is not None:
-        return taken[0], taken[1], True
-    return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), temp, False
-
-
-def _write_all(fd: int, data: bytes, recycled: bool) -> None:
-    """Write ``data`` from offset 0 of ``fd``; cut a reused file to its length."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-    if recycled:
-        os.ftruncate(fd, len(data))  # nothing of the old content stays
-
-
-def _unlink_quietly(path: pathlib.Path) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+# ---------------------------------------------------------------- reading
 
 
 class _PrefixedReader(io.RawIOBase):
@@ -207,163 +130,6 @@ class _PrefixedReader(io.RawIOBase):
                 super().close()
 
 
-# ---------------------------------------------------------------- writer
-
-
-@implementer(IMessageWriter)
-class SpoolWriter:
-    """A message being received: streams its data to ``tmp/<id>.D``.
-
-    Made by ``FileSpool.newMessage``; the data never sits whole in memory.
-    """
-
-    def __init__(self, spool: FileSpool, id: str) -> None:
-        self.id = id
-        self.size = 0
-        self._spool = spool
-        self._done = False
-        # A ready spent file, written in place and cut to size at commit;
-        # else a new file in tmp/.
-        taken = spool._spent.open()
-        self._recycled = taken is not None
-        if taken is not None:
-            fd, self._path = taken
-        else:
-            self._path = f"{spool._tmp}/{id}.D"  # paths as text: cheaper than pathlib here
-            fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        self._file = open(fd, "wb", buffering=_BUFFER)
-
-    def write(self, data: bytes) -> None:
-        """Append ``data``. :raise SpoolError: it could not be written."""
-        if self._done:
-            raise ValueError(f"message {self.id} is already committed or aborted")
-        try:
-            self._file.write(data)
-        except OSError as e:
-            raise _spool_error(f"cannot write message {self.id}", e) from e
-        self.size += memoryview(data).nbytes
-
-    def commit(
-        self, envelope: Envelope, routes: Mapping[str, Sequence[Recipient]]
-    ) -> list[QueuedMessage]:
-        """Make the message durable under every hop of ``routes``.
-
-        Hops with no recipient are skipped. An ``envelope`` without
-        ``received_at`` gets the current time. :raise SpoolError: nothing
-        was committed and nothing is left behind.
-        """
-        return run_steps(self.commit_steps(envelope, routes), self._spool._fsync, self._spool._syncer)
-
-    def commit_steps(
-        self, envelope: Envelope, routes: Mapping[str, Sequence[Recipient]]
-    ) -> Steps[list[QueuedMessage]]:
-        """``commit`` as steps (``mailsvc.durable``): for a ``FlushWorker``,
-        which shares the fsyncs of commits in flight together."""
-        if self._done:
-            raise ValueError(f"message {self.id} is already committed or aborted")
-        hops = [(check_hop(hop), tuple(rcpts)) for hop, rcpts in routes.items() if rcpts]
-        if not hops:
-            raise ValueError(f"message {self.id} has no recipient to commit")
-        if not envelope.received_at:
-            envelope = envelope.evolve(received_at=time.time())
-        messages = [
-            QueuedMessage(hop=hop, id=self.id, envelope=envelope.evolve(recipients=rcpts))
-            for hop, rcpts in hops
-        ]
-        written: list[str] = []  # removed in reverse order on failure
-        try:
-            yield from self._commit(messages, written)
-        except OSError as e:
-            self._undo(written)
-            if e.errno == errno.ENOENT:
-                self._spool._hops.clear()  # a hop directory removed behind our back?
-            raise _spool_error(f"cannot commit message {self.id}", e) from e
-        except BaseException:
-            self._undo(written)
-            raise
-        finally:
-            self._done = True
-            self._spool._active.discard(self.id)
-        return messages
-
-    def _commit(self, messages: list[QueuedMessage], written: list[str]) -> Steps[None]:
-        spool = self._spool
-        spent = spool._spent
-        self._file.flush()
-        if self._recycled:
-            os.ftruncate(self._file.fileno(), self.size)  # nothing of the old content stays
-        dirs = [spool._hop_path(m.hop, create=True) for m in messages]
-        controls = []  # (path written, final name, open descriptor, a spent file)
-        try:
-            for message, hop_dir in zip(messages, dirs):
-                fd, path, reused = _open_control(f"{hop_dir}/C.{self.id}.tmp", spent)
-                written.append(path)
-                controls.append((path, f"{hop_dir}/C.{self.id}", fd, reused))
-                _write_all(fd, control.dump(message), reused)
-            first = f"{dirs[0]}/D.{self.id}"
-            written.append(first)
-            os.rename(self._path, first)  # no C. names it yet: a crash leaves no commit
-            if self._recycled:
-                spent.forget(self._path)
-            for hop_dir in dirs[1:]:
-                written.append(f"{hop_dir}/D.{self.id}")
-                os.link(first, written[-1])
-            # Data and control files are on disk, and so are the data's
-            # directory entries, before any C. appears: a C. is the commit
-            # point and must never name missing data. (The names the files
-            # leave, in tmp/ or spent/, may come back after a crash beside
-            # the new ones: recovery sweeps tmp/, and drops a spent name
-            # with two links.)
-            stage = dirs if self._recycled else [*dirs, spool._tmp]
-            mark = spent.mark()
-            yield Flush(files=[self._file.fileno(), *(c[2] for c in controls)], directories=stage)
-            spent.settled(stage, mark)
-        finally:
-            self._file.close()
-            for control_file in controls:
-                os.close(control_file[2])
-        for path, final, _, reused in controls:
-            written.append(final)
-            os.rename(path, final)
-            if reused:
-                spent.forget(path)
-        mark = spent.mark()
-        yield Flush(directories=dirs)  # the commit point is durable: 250 may be said
-        spent.settled(dirs, mark)
-
-    def _undo(self, written: list[str]) -> None:
-        try:
-            self._file.close()
-        except OSError:
-            pass
-        for path in [*reversed(written), self._path]:
-            _unlink_quietly(path)
-            self._spool._spent.forget(path)  # spent files written in place are lost
-        for path in {os.path.dirname(p) for p in [*written, self._path]}:
-            try:
-                fsync_directory(path)
-            except OSError:
-                pass
-
-    def abort(self) -> None:
-        """Remove what was written. Safe to call twice, or after commit (no-op)."""
-        if self._done:
-            return
-        self._done = True
-        self._spool._active.discard(self.id)
-        try:
-            self._file.close()
-        except OSError:
-            pass
-        if self._recycled:
-            self._spool._spent.release(self._path)  # a spent file it was, a spent file it stays
-            return
-        try:
-            self._spool._discard(self._path)
-        except FileNotFoundError:
-            pass  # gone already: a commit that failed half-way moved it (recovery sweeps it)
-
-
 # ---------------------------------------------------------------- spool
 
 
@@ -410,7 +176,7 @@ class FileSpool:
                 self._active.discard(id)
             except OSError as e:
                 self._active.discard(id)
-                raise _spool_error("cannot start a message", e) from e
+                raise spool_error("cannot start a message", e) from e
 
     # -------------------------------------------------------- reading
 
@@ -436,7 +202,7 @@ class FileSpool:
         directories = [temp_dir]
         for entry in os.scandir(temp_dir):
             if entry.name.partition(".")[0] not in active:
-                _unlink_quietly(pathlib.Path(entry.path))
+                unlink_quietly(pathlib.Path(entry.path))
         messages = []
         for hop, hop_dir in self._hop_dirs():
             directories.append(hop_dir)
@@ -444,11 +210,11 @@ class FileSpool:
             held = self._held_ids(hop_dir)
             for name in temps:
                 if name[2:].partition(".")[0] not in active:
-                    _unlink_quietly(hop_dir / name)
+                    unlink_quietly(hop_dir / name)
             # A held message (H.) keeps its data; it is not returned.
             for id in datas - controls - held:
                 if id not in active and not self._has_control(hop_dir, id):
-                    _unlink_quietly(hop_dir / f"D.{id}")
+                    unlink_quietly(hop_dir / f"D.{id}")
             for id in sorted(held - datas):
                 if not (hop_dir / f"D.{id}").exists():
                     self._log(f"spool: {hop}/H.{id} has no data file D.{id}; moved to corrupt/")
@@ -495,7 +261,7 @@ class FileSpool:
 
         :raise OSError: the data file cannot be opened.
         """
-        path = f"{self._hop_path(message.hop)}/D.{_check_id(message.id)}"
+        path = f"{self._hop_path(message.hop)}/D.{check_id(message.id)}"
         headers = message.envelope.prepend_headers
         head = ("\r\n".join(headers) + "\r\n").encode("utf-8", "surrogateescape") if headers else b""
         data = open(path, "rb", buffering=0)
@@ -522,7 +288,7 @@ class FileSpool:
             longer in the spool.
         """
         hop_dir = self._hop_dir(message.hop)
-        final = hop_dir / f"C.{_check_id(message.id)}"
+        final = hop_dir / f"C.{check_id(message.id)}"
         temp = hop_dir / f"C.{message.id}.tmp"
         with self._renaming:  # a held message (H.) is not brought back as C.
             if not final.exists():
@@ -531,9 +297,9 @@ class FileSpool:
             mark = self._spent.mark()
             path = None
             try:
-                fd, path, reused = _open_control(os.fspath(temp), self._spent)
+                fd, path, reused = open_control(os.fspath(temp), self._spent)
                 try:
-                    _write_all(fd, control.dump(message), reused)
+                    write_all(fd, control.dump(message), reused)
                     (self._fsync or os.fsync)(fd)
                 finally:
                     os.close(fd)
@@ -541,15 +307,15 @@ class FileSpool:
                 self._spent.forget(path)
             except OSError as e:
                 if path is not None:
-                    _unlink_quietly(path)
+                    unlink_quietly(path)
                     self._spent.forget(path)
-                raise _spool_error(f"cannot update {message.hop}/C.{message.id}", e) from e
+                raise spool_error(f"cannot update {message.hop}/C.{message.id}", e) from e
             finally:
                 self._active.discard(message.id)
         try:  # shared with the commits and updates in flight (group commit)
             self._syncer.sync([hop_dir])
         except OSError as e:
-            raise _spool_error(f"cannot update {message.hop}/C.{message.id}", e) from e
+            raise spool_error(f"cannot update {message.hop}/C.{message.id}", e) from e
         self._spent.settled([os.fspath(hop_dir)], mark)
 
     def remove(self, message: QueuedMessage) -> None:
@@ -561,7 +327,7 @@ class FileSpool:
         once, never lost).
         """
         hop_dir = self._hop_path(message.hop)
-        id = _check_id(message.id)
+        id = check_id(message.id)
         try:
             with self._renaming:
                 for names in ((f"C.{id}", f"H.{id}"), (f"D.{id}",)):
@@ -573,7 +339,7 @@ class FileSpool:
                         except FileNotFoundError:
                             pass
         except OSError as e:
-            raise _spool_error(f"cannot remove {message.hop}/{id}", e) from e
+            raise spool_error(f"cannot remove {message.hop}/{id}", e) from e
 
     # -------------------------------------------------------- queue control
 
@@ -596,7 +362,7 @@ class FileSpool:
 
         ``[]`` when no hop has it. :raise ValueError: ``id`` is not a queue ID.
         """
-        _check_id(id)
+        check_id(id)
         found = []
         for hop, hop_dir in self._hop_dirs():
             for prefix in ("C", "H"):
@@ -612,7 +378,7 @@ class FileSpool:
     def size(self, message: QueuedMessage) -> int:
         """Octets in the data file of ``message`` (0 if it is gone)."""
         try:
-            return os.stat(self._hop_dir(message.hop) / f"D.{_check_id(message.id)}").st_size
+            return os.stat(self._hop_dir(message.hop) / f"D.{check_id(message.id)}").st_size
         except FileNotFoundError:
             return 0
 
@@ -637,7 +403,7 @@ class FileSpool:
         :raise SpoolError: ``hop`` has no such message (or it cannot be removed).
         """
         hop_dir = self._hop_dir(hop)
-        _check_id(id)
+        check_id(id)
         with self._renaming:
             if not self._has_control(hop_dir, id):
                 raise SpoolError(f"{hop}/{id} is not in the spool")
@@ -645,11 +411,11 @@ class FileSpool:
         try:  # unlike a removal after delivery, a deletion is made durable
             self._syncer.sync([hop_dir])
         except OSError as e:
-            raise _spool_error(f"cannot delete {hop}/{id}", e) from e
+            raise spool_error(f"cannot delete {hop}/{id}", e) from e
 
     def _rename_control(self, hop: str, id: str, old: str, new: str, action: str) -> None:
         hop_dir = self._hop_dir(hop)
-        source = hop_dir / f"{old}.{_check_id(id)}"
+        source = hop_dir / f"{old}.{check_id(id)}"
         with self._renaming:
             if not source.exists():
                 state = "queued" if old == "C" else "on hold"
@@ -658,7 +424,7 @@ class FileSpool:
                 os.rename(source, hop_dir / f"{new}.{id}")
                 fsync_directory(hop_dir)
             except OSError as e:
-                raise _spool_error(f"cannot {action} {hop}/{id}", e) from e
+                raise spool_error(f"cannot {action} {hop}/{id}", e) from e
 
     # -------------------------------------------------------- helpers
 
@@ -692,7 +458,7 @@ class FileSpool:
         hops = []
         for entry in os.scandir(self.directory):
             name = entry.name
-            if name.lower() not in _RESERVED and _HOP_RE.fullmatch(name) and entry.is_dir():
+            if name.lower() not in RESERVED and HOP_RE.fullmatch(name) and entry.is_dir():
                 hops.append((name, pathlib.Path(entry.path)))
         return sorted(hops)
 
@@ -703,7 +469,7 @@ class FileSpool:
         for name in os.listdir(hop_dir):
             if name.endswith(".tmp"):
                 temps.append(name)
-            elif name[:2] in ("C.", "D.") and _ID_RE.fullmatch(name[2:]):
+            elif name[:2] in ("C.", "D.") and ID_RE.fullmatch(name[2:]):
                 (controls if name[0] == "C" else datas).add(name[2:])
         return controls, datas, temps
 
@@ -711,7 +477,7 @@ class FileSpool:
     def _held_ids(hop_dir: pathlib.Path) -> set[str]:
         """The ids with an ``H.`` (held) control file."""
         return {
-            name[2:] for name in os.listdir(hop_dir) if name.startswith("H.") and _ID_RE.fullmatch(name[2:])
+            name[2:] for name in os.listdir(hop_dir) if name.startswith("H.") and ID_RE.fullmatch(name[2:])
         }
 
     @staticmethod

@@ -49,6 +49,8 @@ import stat
 import threading
 from collections.abc import Iterable
 
+from mailsvc.spool.common import unlink_quietly
+
 LIMIT = 1024  # spent files kept at most
 MAX_SIZE = 64 * 1024  # larger files are deleted: their blocks are better freed
 
@@ -103,7 +105,7 @@ class SpentFiles:
             if len(keep) < self.limit and stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size <= MAX_SIZE:
                 keep.append(entry.name)
             else:
-                _unlink_quietly(entry.path)
+                unlink_quietly(entry.path)
         with self._lock:
             self._ready = []
             self._pending = [(self._kept, name, None) for name in keep]
@@ -205,10 +207,3 @@ class SpentFiles:
         with self._lock:
             self._ready.extend(name for seq, name, _ in self._pending if seq < mark)
             self._pending = [entry for entry in self._pending if entry[0] >= mark]
-
-
-def _unlink_quietly(path) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
