@@ -21,21 +21,15 @@ from mailsvc.delivery import router
 from mailsvc.delivery.local import LocalDeliveryAgent
 from mailsvc.directory import ConfigDirectory
 from mailsvc.durable import run_steps
-from mailsvc.envelope import Envelope, Recipient
+from mailsvc.envelope import Recipient
 from mailsvc.errors import PermanentDeliveryError, TemporaryDeliveryError
 from mailsvc.spool import FileSpool
 from mailsvc.store import CHUNK_SIZE, headerBytes, lfChunks, writeAll
 from mailsvc.store import maildir
 from mailsvc.store.maildir import MaildirStore, uniqueName
-from test_local_agent import result_of
+from test_local_agent import ENVELOPE, result_of
 
 HEADERS = ["Return-Path: <alice@example.test>", "Delivered-To: bob@example.test"]
-ENVELOPE = Envelope(
-    sender="alice@example.test",
-    recipients=(),
-    received_at=1763891234.0,
-    prepend_headers=("Received: from client by mail.example.test",),
-)
 BOB = Recipient("bob@example.test", "bob@example.test", "bob")
 
 

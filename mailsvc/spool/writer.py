@@ -51,7 +51,8 @@ def write_all(fd: int, data: bytes, recycled: bool) -> None:
 
 @implementer(IMessageWriter)
 class SpoolWriter:
-    """A message being received: streams its data to ``tmp/<id>.D``.
+    """A message being received: streams its data to a ready spent file,
+    written in place, or else to a new ``tmp/<id>.D``.
 
     Made by ``FileSpool.newMessage``; the data never sits whole in memory.
     """
