@@ -11,12 +11,14 @@ clients, stops listening, and lets deliveries in progress finish.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 from twisted.application import service
 from twisted.internet import defer, threads
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.plugin import getPlugins
 from twisted.python import usage
+from twisted.python.components import Componentized
 
 from mailsvc import config as configuration
 from mailsvc.callinservice import CallInService
@@ -34,6 +36,7 @@ from mailsvc.errors import ConfigError
 from mailsvc.flushworker import FlushWorker
 from mailsvc.interfaces import IMailboxStoreFactory, IPolicyFactory, IRecipientDirectoryFactory
 from mailsvc.listeners import smtp_listeners
+from mailsvc.logobserver import observer_for
 from mailsvc.protocol import SMTPServerFactory
 from mailsvc.receiver import ReceiverContext, ReceiverSettings
 from mailsvc.spool.filespool import FileSpool
@@ -67,6 +70,26 @@ def find_plugin(interface, name: str, key: str):
         known = ", ".join(sorted(found)) or "none"
         raise ConfigError(f"{key}: no plugin named {name!r} (installed: {known})")
     return found[name]
+
+
+class MailService(service.MultiService):
+    """The service tree twistd runs; it brings twistd the text log observer.
+
+    twistd logs through an ``ILogObserver`` component of its application
+    when there is one (``twisted.application.app.AppLogger.start``), and the
+    application is only made after ``makeService``: its first sight is the
+    ``setServiceParent`` call twistd makes with it. ``log_observer`` is a
+    factory from ``mailsvc.logobserver.observer_for``, or None to leave
+    twistd's own.
+    """
+
+    log_observer: Callable[[], object] | None = None
+
+    def setServiceParent(self, parent):
+        if self.log_observer is not None and isinstance(parent, Componentized):
+            if parent.getComponent(ILogObserver) is None:
+                parent.setComponent(ILogObserver, self.log_observer())
+        return super().setServiceParent(parent)
 
 
 class QueueRunnerService(service.Service):
@@ -208,7 +231,7 @@ def build(cfg: configuration.Config, reactor) -> service.MultiService:
         from mailsvc.pop3 import pop3_listeners
 
         listeners = [*listeners, *pop3_listeners(cfg, reactor, store, run_blocking)]
-    top = service.MultiService()
+    top = MailService()
     QueueRunnerService(runner).setServiceParent(top)
     TurnAroundService(turnaround).setServiceParent(top)  # stopped before the runner
     for listener in listeners:
@@ -228,8 +251,11 @@ def makeService(options: Options) -> service.IService:
 
     try:
         cfg = configuration.load(options["config"])
-        return build(cfg, reactor)
+        top = build(cfg, reactor)
     except ConfigError as error:
         # DESIGN rule 6: one line naming the key, and a non-zero exit.
         sys.stderr.write(f"mailsvc: config error: {error}\n")
         raise SystemExit(78)  # EX_CONFIG
+    # twistd's options are the parent of ours (None when called from Python).
+    top.log_observer = observer_for(options.parent)
+    return top

@@ -157,3 +157,53 @@ def test_log_lines_per_connection_message_and_delivery(real_server):
     assert log.count("accepted id=") == 2
     for user, count in (("alice", 2), ("bob", 1), ("carol", 1)):
         assert len(real_server.maildir(user)) == count
+
+
+# twistd's text log line: RFC 3339 time to the second, [namespace#level], text.
+LOG_LINE = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[mailsvc\.protocol#info\] connect from \[127\.0\.0\.1\]:%d"
+
+
+def say_hello(port: int) -> int:
+    """One SMTP session with a NOOP; returns our (client) port."""
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="log.test", timeout=10) as client:
+        assert client.noop()[0] == 250
+        return client.sock.getsockname()[1]
+
+
+def test_the_log_file_has_twistds_lines_and_sigusr1_rotates_it(real_server):
+    """mailsvc writes twistd's text log itself (mailsvc.logobserver): the
+    same lines in the --logfile, and SIGUSR1 rotates it as twistd does."""
+    first = say_hello(real_server.port)
+    log = real_server.wait_for_log("disconnect from [127.0.0.1]")
+    assert re.search(LOG_LINE % first + "\n", log), log
+    assert "twistd" in log and "starting up" in log  # twistd's own lines, same file
+    rotated = real_server.log_path.with_name(real_server.log_path.name + ".1")
+    real_server.proc.send_signal(signal.SIGUSR1)
+    real_server.wait_for(rotated.exists, timeout=10, message="the log rotated")
+    second = say_hello(real_server.port)
+    log = real_server.wait_for_log("disconnect from [127.0.0.1]", this_run=False)
+    assert re.search(LOG_LINE % second + "\n", log) and not re.search(LOG_LINE % first, log), log
+    assert re.search(LOG_LINE % first, rotated.read_text())
+    assert real_server.running
+
+
+class StdoutServer(RealServer):
+    """``twistd -n`` with no --logfile, as ``make run``: the log is standard output."""
+
+    def __init__(self, root, **options) -> None:
+        super().__init__(root, **options)
+        self.log_path = self.stdout_path
+
+    def command(self, *twistd_args: str) -> list[str]:
+        return [arg for arg in super().command(*twistd_args) if not arg.startswith("--logfile=")]
+
+
+def test_without_a_log_file_the_log_is_standard_output(tmp_path):
+    server = StdoutServer(tmp_path / "server")
+    try:
+        server.start()
+        port = say_hello(server.port)
+        log = server.wait_for_log("disconnect from [127.0.0.1]")
+        assert re.search(LOG_LINE % port + "\n", log), log
+    finally:
+        server.stop()
