@@ -19,7 +19,8 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from twisted.application import service, strports
+from twisted.application import service
+from twisted.internet import endpoints
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -39,31 +40,55 @@ log = Logger(namespace="mailsvc.listeners")
 EX_OSERR = 71  # sysexits.h: a port that cannot be opened
 
 
-class Listener(service.MultiService):
+class Listener(service.Service):
     """One listening port of the config (``key``, e.g. ``[smtp] listen[0]``).
 
     A port that cannot be opened at start (in use, no permission) stops
     start-up with one line naming the key and the reason, and exit status 71,
     as Postfix's master does: a mail server running without its port would
     only look alive. (Twisted's default logs the error and runs on.)
+
+    ``port`` is the listening port once started (``IListeningPort``): the
+    receiver processes (``mailsvc.receiverprocesses``) accept on its socket.
     """
 
     def __init__(self, reactor, description: str, factory, key: str) -> None:
-        super().__init__()
         self.key = key
         self.description = description
-        # strports.service: the listen error is raised at start, not logged.
-        strports.service(description, factory, reactor=reactor).setServiceParent(self)
+        self.factory = factory
+        self.endpoint = endpoints.serverFromString(reactor, description)
+        self.port = None
 
     def privilegedStartService(self) -> None:
-        try:
-            super().privilegedStartService()
-        except CannotListenError as error:
+        super().privilegedStartService()
+        if self.port is not None:
+            return
+        failures: list = []
+        # A stream server endpoint listens at once: the port or the error is here now.
+        self.endpoint.listen(self.factory).addCallbacks(self._listening, failures.append)
+        if failures:
+            error = failures[0].value
+            if not isinstance(error, CannotListenError):
+                failures[0].raiseException()
             reason = getattr(error.socketError, "strerror", None) or str(error.socketError)
             line = f"mailsvc: {self.key}: cannot listen on {self.description}: {reason}"
             log.critical("{line}", line=line)
             sys.__stderr__.write(line + "\n")
             raise SystemExit(EX_OSERR)
+
+    def _listening(self, port) -> None:
+        self.port = port
+
+    def startService(self) -> None:
+        if self.port is None:
+            self.privilegedStartService()
+        super().startService()
+
+    def stopService(self):
+        super().stopService()
+        port, self.port = self.port, None
+        if port is not None:
+            return port.stopListening()
 
 
 def tls_context(cfg: configuration.Config) -> tls.ServerTLSContext:
