@@ -282,7 +282,7 @@ class Mailsvc(_PopenTarget):
 
     def __init__(self, name: str = "mailsvc", source: Path | None = None,
                  max_connections: int = 200, smtp_extra: dict[str, str] | None = None,
-                 backlog: int | None = None) -> None:
+                 backlog: int | None = None, receiver_processes: int = 0) -> None:
         # source: another mailsvc source tree (with mailsvc/ and twisted/plugins/)
         # run with the project venv, e.g. a "before" snapshot made with
         # ``git archive HEAD mailsvc twisted | tar -x -C DIR``.
@@ -294,6 +294,9 @@ class Mailsvc(_PopenTarget):
         # connection may be refused while the server still counts a closed one.
         self.smtp_extra = {"max_connections_per_client": "0", **(smtp_extra or {})}
         self.backlog = backlog  # the listening socket's backlog (Twisted's default: 50)
+        # [server] receiver_processes: SMTP in that many child processes.
+        self.receiver_processes = receiver_processes
+        self.multi_process = receiver_processes > 0
 
     def prepare(self) -> None:
         twistd = MAIN_VENV / "bin" / "twistd"
@@ -310,6 +313,7 @@ class Mailsvc(_PopenTarget):
             "[server]\n"
             f"hostname = {q('mailsvc.' + DOMAIN)}\n"
             f"spool_dir = {q(str(workdir / 'spool'))}\n"
+            f"receiver_processes = {self.receiver_processes}\n"
             "\n[smtp]\n"
             f"listen = [{q(f'tcp:{port}:interface=127.0.0.1' + backlog)}]\n"
             f"max_connections = {self.max_connections}\n"

@@ -45,6 +45,8 @@ class ServerConfig:
     hostname: str = "mail.example.test"
     spool_dir: Path = Path("var/spool")
     control_socket: Path = Path("var/run/mailsvc.sock")
+    # SMTP served by this many child processes (mailsvc.receiverprocesses); 0: by this one.
+    receiver_processes: int = 0
 
 
 @dataclass(frozen=True)
@@ -181,11 +183,11 @@ def _read(data: dict, path: Path) -> Config:
     def table(name: str, allowed: tuple[str, ...] | None) -> Table:
         return Table(fileName, f"[{name}]", data.get(name, {}), allowed)
 
-    server = table("server", ("hostname", "base_dir", "spool_dir", "control_socket"))
+    server = table("server", ("hostname", "base_dir", "spool_dir", "control_socket", "receiver_processes"))
     base = path.parent.parent
     if "base_dir" in server.data:
         base = server.path("base_dir", ".", base)
-    return Config(
+    config = Config(
         path=path,
         base_dir=base,
         server=_readServer(server, base),
@@ -207,6 +209,12 @@ def _read(data: dict, path: Path) -> Config:
         atrn=read_atrn(table("atrn", tuple(ATRNConfig.__dataclass_fields__))),
         callins=read_callins(fileName, data.get("callin", []), base),
     )
+    if config.server.receiver_processes and config.hold_sites:
+        # TURN reverses the roles on the connection, in the process that has
+        # the held mail: the one process (mailsvc.receiverprocesses).
+        server.fail("receiver_processes", "must be 0 when a [[hold.site]] exists (TURN and ATRN need the queue "
+                    "in the process serving the connection)")
+    return config
 
 
 def _readServer(t: Table, base: Path) -> ServerConfig:
@@ -219,7 +227,15 @@ def _readServer(t: Table, base: Path) -> ServerConfig:
         hostname=checked,
         spool_dir=t.path("spool_dir", "var/spool", base),
         control_socket=t.path("control_socket", "var/run/mailsvc.sock", base),
+        receiver_processes=_receiver_processes(t),
     )
+
+
+def _receiver_processes(t: Table) -> int:
+    count = t.integer("receiver_processes", 0, minimum=0)
+    if count > 64:
+        t.fail("receiver_processes", f"at most 64, got {count}")
+    return count
 
 
 def _readSMTP(t: Table) -> SMTPConfig:

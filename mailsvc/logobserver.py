@@ -28,10 +28,10 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from twisted.logger import FileLogObserver, formatEventAsClassicLogText, formatTime
+from twisted.logger import FileLogObserver, eventAsText, formatEventAsClassicLogText, formatTime
 from twisted.python import logfile
 
-__all__ = ["classic_text", "observer_for", "text_file_observer"]
+__all__ = ["classic_text", "event_text", "observer_for", "text_file_observer"]
 
 
 class _Timestamps:
@@ -58,31 +58,39 @@ class _Timestamps:
 _timestamp = _Timestamps()
 
 
-def classic_text(event: Mapping[str, Any]) -> str | None:
-    """The line ``textFileLogObserver`` writes for ``event``, or None for none.
-
-    Twisted's formatter is kept for what this one does not render the same
-    way: a failure (traceback), flattened or bytes formats, a format that
-    ``str.format`` refuses (``{f()}``, a missing key: Twisted writes its own
-    "Unable to format event" line for those), and empty text.
-    """
+def _fast_text(event: Mapping[str, Any]) -> str:
+    """The event's text by ``str.format``, or "" where Twisted's formatter
+    must do it (a traceback, flattened or bytes formats, a format that
+    ``str.format`` refuses: ``{f()}``, a missing key; or no text at all)."""
     format = event.get("log_format")
     if format.__class__ is str and "log_failure" not in event and "log_flattened" not in event:
         try:
-            text = format.format_map(event)
+            return format.format_map(event)
         except Exception:  # noqa: BLE001 - Twisted's formatter says what went wrong
-            text = ""
-        if text:
-            system = event.get("log_system")
-            if system is None:
-                level = event.get("log_level")
-                system = f"{event.get('log_namespace', '-')}#{'-' if level is None else level.name}"
-            elif system.__class__ is not str:
-                return formatEventAsClassicLogText(event, formatTime=_timestamp)
-            line = f"{_timestamp(event.get('log_time'))} [{system}] {text}"
-            if "\n" in line:
-                line = line.replace("\n", "\n\t")
-            return line + "\n"
+            pass
+    return ""
+
+
+def event_text(event: Mapping[str, Any]) -> str:
+    """The text of ``event`` (traceback included), as Twisted's
+    ``eventAsText`` without timestamp and system."""
+    return _fast_text(event) or eventAsText(event, includeTimestamp=False, includeSystem=False)
+
+
+def classic_text(event: Mapping[str, Any]) -> str | None:
+    """The line ``textFileLogObserver`` writes for ``event``, or None for none."""
+    text = _fast_text(event)
+    if text:
+        system = event.get("log_system")
+        if system is None:
+            level = event.get("log_level")
+            system = f"{event.get('log_namespace', '-')}#{'-' if level is None else level.name}"
+        elif system.__class__ is not str:
+            return formatEventAsClassicLogText(event, formatTime=_timestamp)
+        line = f"{_timestamp(event.get('log_time'))} [{system}] {text}"
+        if "\n" in line:
+            line = line.replace("\n", "\n\t")
+        return line + "\n"
     return formatEventAsClassicLogText(event, formatTime=_timestamp)
 
 

@@ -39,6 +39,7 @@ from mailsvc.listeners import smtp_listeners
 from mailsvc.logobserver import observer_for
 from mailsvc.protocol import SMTPServerFactory
 from mailsvc.receiver import ReceiverContext, ReceiverSettings
+from mailsvc.receiverprocesses import ReceiverProcesses
 from mailsvc.spool.filespool import FileSpool
 from mailsvc.spool.schedule import RetrySchedule
 from mailsvc.turnaround import TurnAround
@@ -143,19 +144,47 @@ def _dns_resolver(server: str):
     return client.createResolver(servers=[(host.strip("[]"), int(port))])
 
 
+def thread_pool_runner(reactor) -> Callable:
+    """``run_blocking(f, *args)``: ``f`` in the reactor's thread pool, a Deferred of its result."""
+
+    def run_blocking(f, *args):
+        return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+
+    return run_blocking
+
+
+def make_directory(cfg: configuration.Config):
+    """The ``IRecipientDirectory`` of ``[local] directory``."""
+    key = f"{cfg.path.name}: [local] directory"
+    return find_plugin(IRecipientDirectoryFactory, cfg.local.directory, key).makeDirectory(cfg)
+
+
+def receiver_context(cfg: configuration.Config, directory, spool, submit, run_blocking, run_steps, router) -> ReceiverContext:
+    """What every SMTP session of a receiving process shares (``mailsvc.receiver``)."""
+    where = cfg.path.name
+    policies = [
+        find_plugin(IPolicyFactory, p.name, f"{where}: [[policy]][{i}] name").makePolicy(dict(p.options))
+        for i, p in enumerate(cfg.policies)
+    ]
+    return ReceiverContext(
+        settings=ReceiverSettings.from_config(cfg),
+        directory=directory,
+        spool=spool,
+        submit=submit,
+        run_blocking=run_blocking,
+        policies=policies,
+        router=router,
+        run_steps=run_steps,
+    )
+
+
 def build(cfg: configuration.Config, reactor) -> service.MultiService:
     """The whole service tree for ``cfg``, on ``reactor``."""
     where = cfg.path.name  # config errors name the file, then the key
     store_options = dict(cfg.store.options)
     store = find_plugin(IMailboxStoreFactory, cfg.store.type, f"{where}: [store] type").makeStore(store_options)
-    directory = find_plugin(IRecipientDirectoryFactory, cfg.local.directory, f"{where}: [local] directory").makeDirectory(cfg)
-    policies = [
-        find_plugin(IPolicyFactory, p.name, f"{where}: [[policy]][{i}] name").makePolicy(dict(p.options))
-        for i, p in enumerate(cfg.policies)
-    ]
-
-    def run_blocking(f, *args):
-        return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+    directory = make_directory(cfg)
+    run_blocking = thread_pool_runner(reactor)
 
     # One thread for the spool's commits and Maildir deliveries: their
     # fsyncs shared by rounds (mailsvc.flushworker).
@@ -200,16 +229,7 @@ def build(cfg: configuration.Config, reactor) -> service.MultiService:
         on_demand_hops=hold_agent.hops,
         run_short=defer.maybeDeferred,  # removal: renames, no fsync; on the reactor thread
     )
-    context = ReceiverContext(
-        settings=ReceiverSettings.from_config(cfg),
-        directory=directory,
-        spool=spool,
-        submit=runner.submit,
-        run_blocking=run_blocking,
-        policies=policies,
-        router=router,
-        run_steps=flusher.submit,
-    )
+    context = receiver_context(cfg, directory, spool, runner.submit, run_blocking, flusher.submit, router)
     # The MX, submission and implicit-TLS listeners (mailsvc.listeners).
     # TURN, ATRN and ETRN (mailsvc.turnaround).
     turnaround = TurnAround(
@@ -227,6 +247,12 @@ def build(cfg: configuration.Config, reactor) -> service.MultiService:
         etrn_queues=(RELAY, *(site.hop for site in cfg.uucp_sites)),
     )
     factory, listeners = smtp_listeners(cfg, reactor, context, run_blocking, turnaround=turnaround)
+    receivers = None
+    if cfg.server.receiver_processes:
+        # SMTP served by child processes on these listeners' sockets.
+        receivers = ReceiverProcesses(
+            reactor, cfg.server.receiver_processes, cfg.path.resolve(), listeners, spool, runner, turnaround
+        )
     if cfg.pop3.enabled:  # imported here: twisted.mail imports the global reactor
         from mailsvc.pop3 import pop3_listeners
 
@@ -237,6 +263,8 @@ def build(cfg: configuration.Config, reactor) -> service.MultiService:
     for listener in listeners:
         listener.setServiceParent(top)
     GoodbyeService(factory).setServiceParent(top)  # stopped first (reverse order)
+    if receivers is not None:
+        receivers.setServiceParent(top)  # started once the listeners listen
     ControlService(spool, runner, cfg.server.control_socket, reactor).setServiceParent(top)
     # [[callin]]: call providers in on a schedule (mailsvc.callinservice); stopped
     # before the runner, which takes what they receive.
