@@ -37,9 +37,8 @@ from mailsvc.delivery.router import Router
 from mailsvc.flushworker import FlushWorker
 from mailsvc.listeners import smtp_listeners
 from mailsvc.logobserver import event_text
-from mailsvc.receiverprocesses import MAX_CONTROL, Etrn, Queued, log_line
+from mailsvc.receiverprocesses import Etrn, Queued, log_line, pickled
 from mailsvc.smtp.replies import Reply
-from mailsvc.spool import control
 from mailsvc.spool.filespool import FileSpool
 from mailsvc.turnaround import TurnAround
 
@@ -68,10 +67,7 @@ class MainChannel:
 
     def queued(self, message) -> None:
         """ReceiverContext.submit: the message is committed; the main process takes it."""
-        control_file = control.dump(message)
-        if len(control_file) > MAX_CONTROL:
-            control_file = b""  # the main process reads it from the spool
-        self.side.callRemote(Queued, id=message.id, hop=message.hop, control=control_file)
+        self.side.callRemote(Queued, id=message.id, hop=message.hop, message=pickled(message))
 
     @defer.inlineCallbacks
     def etrn(self, protocol, event):

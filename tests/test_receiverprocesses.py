@@ -82,27 +82,25 @@ def committed(tmp_path, recipients=1):
 
 
 def test_a_queued_notice_submits_the_message_of_its_hop(tmp_path):
-    """The control file comes with the notice: the runner gets that message."""
-    from mailsvc.receiverprocesses import ReceiverProcesses
-    from mailsvc.spool import control
+    """The message comes with the notice: the runner gets that message."""
+    from mailsvc.receiverprocesses import ReceiverProcesses, pickled
 
     spool, queued = committed(tmp_path)
     runner = Runner()
     main = ReceiverProcesses(None, 1, "x.toml", [], spool, runner, None)
     for message in queued:
-        main.take(message.id, message.hop, control.dump(message))
+        main.take(message.id, message.hop, pickled(message))
     assert runner.submitted == list(queued)
 
 
-def test_a_control_file_too_big_to_send_is_read_from_the_spool(tmp_path):
-    """Past MAX_CONTROL octets the receiver sends no control file; the main
-    process finds the message in the spool (the same one)."""
-    from mailsvc.receiverprocesses import MAX_CONTROL, ReceiverProcesses
-    from mailsvc.spool import control
+def test_a_message_too_big_to_send_is_read_from_the_spool(tmp_path):
+    """Past MAX_MESSAGE octets the receiver sends no message; the main
+    process finds it in the spool (the same one)."""
+    from mailsvc.receiverprocesses import ReceiverProcesses, pickled
 
     spool, queued = committed(tmp_path, recipients=2000)
     [local] = [m for m in queued if m.hop == "local"]
-    assert len(control.dump(local)) > MAX_CONTROL
+    assert pickled(local) == b""
     runner = Runner()
     main = ReceiverProcesses(None, 1, "x.toml", [], spool, runner, None)
     main.take(local.id, "local", b"")
