@@ -505,6 +505,31 @@ def test_corrupt_lines_are_named(old, new, line):
         control.load(data.replace(old, new, 1), "local", "abc")
 
 
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("a+zz", "bad escape '+zz'"),
+        ("a+2b", "bad escape '+2b'"),  # upper-case hex only, as escape() writes
+        ("a+2", "bad escape '+2'"),
+        ("+", "bad escape '+'"),
+        ("a\tb", "unescaped control character '\\t'"),
+        ("a\x7f+2B", "unescaped control character '\\x7f'"),
+        ("+zz\x00", "bad escape '+zz'"),  # the first fault is named
+        ("\x00+zz", "unescaped control character '\\x00'"),
+        ("+C3", "escaped octets are not UTF-8"),
+    ],
+)
+def test_bad_escapes_are_refused(text, problem):
+    with pytest.raises(ValueError) as raised:
+        control.unescape(text)
+    assert str(raised.value).startswith(problem)
+
+
+def test_escapes_decode_to_what_was_escaped():
+    assert control.unescape("+2B0000 +C3+A9t+C3+A9 +2B41") == "+0000 été +41"
+    assert control.unescape("plain text, no escape") == "plain text, no escape"
+
+
 def test_wrong_id_and_missing_fields_are_refused():
     """A control file for another id, or without a required field, is refused."""
     data = good_control()

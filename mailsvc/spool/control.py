@@ -33,12 +33,14 @@ from mailsvc.envelope import Envelope, QueuedMessage, Recipient, RecipientState
 
 VERSION = "1"
 
-_HEX = "0123456789ABCDEF"
 # Written as they are: printable ASCII but "+" (the escape) in every value,
 # plus space and "=" in a line value; a key=value field escapes those two.
 # These match one character each that ``escape`` writes as ``+XX``.
 _ESCAPED_IN_FIELD = re.compile(r"[^\x21-\x7e]|[+=]")
 _ESCAPED_IN_LINE = re.compile(r"[^\x20-\x7e]|\+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_ESCAPE = re.compile(rb"\+([0-9A-F]{2})")
+_BAD_ESCAPE = re.compile(r"\+(?![0-9A-F]{2})")
 _RECIPIENT_KEYS = ("state", "attempts", "next", "address", "original", "mailbox", "error")
 _OPTIONAL_RECIPIENT_KEYS = ("notify", "warned")  # written only when set; older files lack them
 
@@ -61,25 +63,25 @@ def _escape_match(match: re.Match) -> str:
 
 def unescape(text: str) -> str:
     """Undo ``escape``. :raise ValueError: a bad ``+XX`` or a control character."""
-    octets = bytearray()
-    i = 0
-    while i < len(text):
-        char = text[i]
-        if char == "+":
-            pair = text[i + 1 : i + 3]
-            if len(pair) != 2 or any(c not in _HEX for c in pair):
-                raise ValueError(f"bad escape {text[i : i + 3]!r}")
-            octets.append(int(pair, 16))
-            i += 3
-            continue
-        if ord(char) < 0x20 or ord(char) == 0x7F:
-            raise ValueError(f"unescaped control character {char!r}")
-        octets += char.encode("utf-8", "surrogatepass")
-        i += 1
+    control = _CONTROL.search(text)
+    if "+" not in text:
+        if control:
+            raise ValueError(f"unescaped control character {control.group()!r}")
+        return text  # nothing escaped (most fields)
+    bad = _BAD_ESCAPE.search(text)
+    if bad and (not control or bad.start() < control.start()):
+        raise ValueError(f"bad escape {text[bad.start() : bad.start() + 3]!r}")
+    if control:
+        raise ValueError(f"unescaped control character {control.group()!r}")
+    octets = _ESCAPE.sub(_octet, text.encode("utf-8", "surrogatepass"))
     try:
         return octets.decode("utf-8", "surrogatepass")
     except UnicodeDecodeError as e:
         raise ValueError(f"escaped octets are not UTF-8: {e}") from None
+
+
+def _octet(match: re.Match) -> bytes:
+    return bytes((int(match.group(1), 16),))
 
 
 def _address(value: str) -> str:
