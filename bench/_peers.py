@@ -313,8 +313,8 @@ class Mailsvc(_PopenTarget):
             "[server]\n"
             f"hostname = {q('mailsvc.' + DOMAIN)}\n"
             f"spool_dir = {q(str(workdir / 'spool'))}\n"
-            f"receiver_processes = {self.receiver_processes}\n"
-            "\n[smtp]\n"
+            + (f"receiver_processes = {self.receiver_processes}\n" if self.receiver_processes else "")
+            + "\n[smtp]\n"
             f"listen = [{q(f'tcp:{port}:interface=127.0.0.1' + backlog)}]\n"
             f"max_connections = {self.max_connections}\n"
             + "".join(f"{k} = {v}\n" for k, v in self.smtp_extra.items()) +

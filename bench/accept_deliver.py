@@ -19,6 +19,8 @@ messages are there. Targets:
   no fsync).
 * ``postfix``  -- a private Postfix instance (own config and queue dir,
   virtual(8) Maildir delivery, Postfix defaults otherwise: fsync, in_flow_delay).
+* ``mailsvc-rN`` (with ``--receivers N``) -- mailsvc with ``[server]
+  receiver_processes = N``: SMTP in N child processes, delivery in the main one.
 
 Rounds run in turn (A B C A B C ...), each with a new server process. A small
 warm-up batch (``--warmup``) is sent and delivered before measuring.
@@ -188,6 +190,9 @@ def parse_args(argv=None):
     p.add_argument("--baseline", action="append", default=[], metavar="[NAME=]DIR",
                    help="also run the mailsvc source tree in DIR as target NAME (default "
                         "mailsvc-base): a before/after comparison in one sitting; repeatable")
+    p.add_argument("--receivers", action="append", default=[], type=int, metavar="N",
+                   help="also run mailsvc with [server] receiver_processes = N as target "
+                        "mailsvc-rN (README \"Several processes\"); repeatable")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--keep", action="store_true", help="keep the temp dirs (logs, mail)")
     args = p.parse_args(argv)
@@ -207,8 +212,11 @@ def parse_args(argv=None):
         if name in names or name in args.sources or name in _peers.TARGETS:
             p.error(f"--baseline: target name {name!r} is taken")
         args.sources[name] = Path(where)
+    if any(n < 1 for n in args.receivers):
+        p.error("--receivers must be at least 1")
+    args.receiver_targets = {f"mailsvc-r{n}": n for n in dict.fromkeys(args.receivers)}
     at = names.index("mailsvc") + 1 if "mailsvc" in names else 0
-    names[at:at] = list(args.sources)
+    names[at:at] = [*args.sources, *args.receiver_targets]
     args.names = names
     return args
 
@@ -230,8 +238,14 @@ def main(argv=None) -> int:
     if not os.path.exists(SMTP_SOURCE):
         print(f"error: {SMTP_SOURCE} not found (apt-get install postfix)", file=sys.stderr)
         return 2
-    targets = [_peers.Mailsvc(name=n, source=args.sources[n]) if n in args.sources
-               else _peers.TARGETS[n]() for n in args.names]
+    def target(name: str):
+        if name in args.sources:
+            return _peers.Mailsvc(name=name, source=args.sources[name])
+        if name in args.receiver_targets:
+            return _peers.Mailsvc(name=name, receiver_processes=args.receiver_targets[name])
+        return _peers.TARGETS[name]()
+
+    targets = [target(n) for n in args.names]
     prepared: dict[str, str | None] = {}
     for t in targets:
         try:
