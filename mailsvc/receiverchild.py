@@ -37,7 +37,7 @@ from mailsvc.delivery.router import Router
 from mailsvc.flushworker import FlushWorker
 from mailsvc.listeners import smtp_listeners
 from mailsvc.logobserver import event_text
-from mailsvc.receiverprocesses import Etrn, Queued, log_line, pickled
+from mailsvc.receiverprocesses import Etrn, Queued, Spent, log_line, pickled
 from mailsvc.smtp.replies import Reply
 from mailsvc.spool.filespool import FileSpool
 from mailsvc.turnaround import TurnAround
@@ -48,9 +48,17 @@ log = Logger(namespace="mailsvc.receiverchild")
 class _ReceiverSide(amp.AMP):
     """The receiver's end of the socket pair; losing it stops the process."""
 
-    def __init__(self, reactor) -> None:
+    def __init__(self, reactor, spool) -> None:
         super().__init__()
         self.reactor = reactor
+        self.spool = spool
+        self.received = 0  # spent file names given by the main process, in all
+
+    @Spent.responder
+    def spent(self, names: list[str]):
+        self.received += len(names)
+        self.spool.take_spent(names)
+        return {}
 
     def connectionLost(self, reason) -> None:
         super().connectionLost(reason)
@@ -67,7 +75,11 @@ class MainChannel:
 
     def queued(self, message) -> None:
         """ReceiverContext.submit: the message is committed; the main process takes it."""
-        self.side.callRemote(Queued, id=message.id, hop=message.hop, message=pickled(message))
+        side = self.side
+        side.callRemote(
+            Queued, id=message.id, hop=message.hop, message=pickled(message),
+            spare=side.spool.spent_ready(), received=side.received,
+        )
 
     @defer.inlineCallbacks
     def etrn(self, protocol, event):
@@ -111,12 +123,13 @@ def main(argv: list[str] | None = None) -> None:
     flusher = FlushWorker(reactor)
     reactor.addSystemEventTrigger("after", "shutdown", flusher.stop)
     spool_log = Logger(namespace="mailsvc.spool")
-    # No reuse of removed files here: which are reusable is known to the
-    # process that removes them (spool.recycle), the main one.
+    # Removed files are reused here when the main process, which removes
+    # them and knows when that is durable, gives them (spool.recycle); none
+    # is kept here (recycle=0): this process removes nothing.
     spool = FileSpool(cfg.server.spool_dir, log=lambda text: spool_log.warn("{text}", text=text), recycle=0)
 
     os.set_blocking(args.channel, False)
-    side = _ReceiverSide(reactor)
+    side = _ReceiverSide(reactor, spool)
     reactor.adoptStreamConnection(args.channel, socket.AF_UNIX, protocol.Factory.forProtocol(lambda: side))
     os.close(args.channel)
     channel = MainChannel(side)

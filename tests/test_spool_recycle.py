@@ -193,3 +193,42 @@ def test_a_spent_file_gone_behind_our_back_is_skipped(tmp_path):
     spool = FileSpool(tmp_path / "spool")
     [message] = queue(spool, b"fresh\r\n")
     assert (tmp_path / "spool" / "local" / f"D.{message.id}").read_bytes() == b"fresh\r\n"
+
+
+# ------------------------------------------------ given to receiver processes
+
+def test_removed_files_are_given_to_a_receiver_only_once_their_removal_is_durable(tmp_path):
+    """The main process removes, a receiver process writes (mailsvc.receiverprocesses):
+    a removed file goes to the receiver only after settle_spent has fsync'd
+    the directory it left, each name once; the receiver's new message is
+    written in it, exactly."""
+    synced = []
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        os.fsync(fd)
+
+    main = FileSpool(tmp_path, fsync=fsync)
+    receiver = FileSpool(tmp_path, recycle=0)
+    [old] = queue(main, b"x" * 3000 + b"\r\n")
+    files = inodes(tmp_path, old)
+    main.remove(done(old))
+    assert main.spent_pending() == 2 and main.give_spent(10) == []  # not durable yet
+    synced.clear()
+    main.settle_spent()
+    assert synced == [str(tmp_path / "local")]
+    assert main.spent_pending() == 0 and main.spent_ready() == 2
+    names = main.give_spent(10)
+    assert sorted(names) == spent(tmp_path) and main.spent_ready() == 0 and main.give_spent(10) == []
+    assert receiver.take_spent(names + ["../escape", "a/b", ""]) == 2
+    [new] = queue(receiver, b"hi\r\n")
+    assert inodes(tmp_path, new) == files and spent(tmp_path) == []
+    assert (tmp_path / "local" / f"D.{new.id}").read_bytes() == b"hi\r\n"
+    assert FileSpool(tmp_path).queued() == [new]
+
+
+def test_a_receiver_without_given_files_makes_new_ones(tmp_path):
+    receiver = FileSpool(tmp_path, recycle=0)
+    [message] = queue(receiver, b"hello\r\n")
+    receiver.remove(done(message))  # it keeps nothing: recycle=0
+    assert receiver.spent_ready() == 0 and not (tmp_path / "spent").exists()

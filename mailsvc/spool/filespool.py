@@ -318,6 +318,37 @@ class FileSpool:
             raise spool_error(f"cannot update {message.hop}/C.{message.id}", e) from e
         self._spent.settled([os.fspath(hop_dir)], mark)
 
+    # -------------------------------------------------------- spent files
+    # Receiver processes write new messages; this process removes them: it
+    # gives them the files it removed (mailsvc.receiverprocesses).
+
+    def give_spent(self, count: int) -> list[str]:
+        """Up to ``count`` removed files, ready for reuse, for a receiver
+        process of this spool (``take_spent``): their names in ``spent/``."""
+        return self._spent.give_away(count)
+
+    def take_spent(self, names) -> int:
+        """Files of ``spent/`` given by the main process become reusable here."""
+        return self._spent.take_in(names)
+
+    def spent_ready(self) -> int:
+        """How many removed files are ready for reuse now."""
+        return self._spent.ready()
+
+    def spent_pending(self) -> int:
+        """How many removed files wait for their removal to be durable."""
+        return len(self._spent) - self._spent.ready()
+
+    def settle_spent(self) -> None:
+        """Blocking: fsync the directories removed files left, so that they
+        are ready for reuse (their removal is durable: ``spool.recycle``).
+        Needed where this process commits nothing itself to do it."""
+        mark = self._spent.mark()
+        directories = self._spent.pending_directories()
+        for directory in directories:
+            fsync_directory(directory, self._fsync)
+        self._spent.settled(directories, mark)
+
     def remove(self, message: QueuedMessage) -> None:
         """Remove ``message``: its control file first (``C.``, or ``H.`` if it
         was put on hold meanwhile), then its data.

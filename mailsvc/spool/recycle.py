@@ -36,7 +36,9 @@ Crash safety, the two old names of a reused file:
 
 Blocking, thread-safe. One process owns a spool and is the only one to take
 spent files; other processes (the ``mailsvc queue`` command) may add to
-``spent/`` too: names are unique.
+``spent/`` too: names are unique. With receiver processes, the owner gives
+ready files away to them (``give_away``, ``take_in``): a name is given once,
+and a receiver only takes what it was given.
 """
 
 from __future__ import annotations
@@ -200,6 +202,34 @@ class SpentFiles:
                 else:
                     still.append(entry)
             self._pending = still
+
+    def give_away(self, count: int) -> list[str]:
+        """Up to ``count`` ready files leave the pool: their names, for
+        another process of the spool to ``take_in`` (``mailsvc.receiverprocesses``).
+        Each name is given once; what becomes of it is no longer this pool's."""
+        with self._lock:
+            given = self._ready[-count:] if count > 0 else []
+            del self._ready[len(self._ready) - len(given):]
+        return given
+
+    def take_in(self, names: Iterable[str]) -> int:
+        """Files of this spool's ``spent/`` given by the process that kept
+        them (``give_away``: ready, their removal durable) become ready here.
+        Names with a path in them are ignored. Returns how many were taken."""
+        names = [n for n in names if n and os.sep not in n and n not in (".", "..")]
+        with self._lock:
+            self._ready.extend(names)
+        return len(names)
+
+    def ready(self) -> int:
+        """How many files may be taken now."""
+        with self._lock:
+            return len(self._ready)
+
+    def pending_directories(self) -> set[str]:
+        """The directories that pending files left (to fsync, then ``settled``)."""
+        with self._lock:
+            return {source for _, _, source in self._pending if source is not None}
 
     def settled_all(self, mark: int) -> None:
         """Every directory of the spool was fsync'd after ``mark``: every
