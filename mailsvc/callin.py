@@ -43,7 +43,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
 from mailsvc import config as configuration
-from mailsvc.clientprotocol import OPEN, OpeningFailed, SessionOpener, SessionSecurity
+from mailsvc.clientsession import OPEN, OpeningFailed, SessionOpener, SessionSecurity
 from mailsvc.errors import ConfigError, SpoolError
 from mailsvc.protocol import SMTPServerFactory, SMTPServerProtocol
 from mailsvc.smtp import client_events as ev

@@ -20,11 +20,10 @@ message and a slow peer slows the reading down. With BDAT (rfc3030) to a
 peer without PIPELINING, the producer stops while a chunk's reply is due
 and starts again when it comes.
 
-Between EHLO and the first message, ``SessionOpener`` takes the session
-through STARTTLS (rfc3207; the handshake with ``tls_options``, then EHLO
-again, everything said before forgotten, rfc3207 4.2) and AUTH PLAIN or
-LOGIN (rfc4954, rfc4616), as a ``SessionSecurity`` says. The relay agent
-and ``mailsvc turn`` (``mailsvc.callin``) both open their sessions with it.
+Between EHLO and the first message, ``SessionOpener``
+(``mailsvc.clientsession``) takes the session through STARTTLS and AUTH, as
+the ``SessionSecurity`` given says; ``SendResult`` and ``SMTPSessionError``
+are in ``mailsvc.clientresults``.
 A session that breaks between the STARTTLS handshake and the EHLO reply
 over TLS fails with ``tls_failed`` set: the handshake (or the certificate
 check, ``mailsvc.tls.ClientTLSContext``) failed.
@@ -32,9 +31,7 @@ check, ``mailsvc.tls.ClientTLSContext``) failed.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IPullProducer
@@ -43,10 +40,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailsvc.clientresults import SendResult, SMTPSessionError
+from mailsvc.clientsession import OPEN, OpeningFailed, SessionOpener, SessionSecurity
 from mailsvc.smtp import client_events as ev
 from mailsvc.smtp.client import ClientConnection, ClientSettings, State
 from mailsvc.smtp.client_events import Transaction
-from mailsvc.smtp.replies import Reply
 from mailsvc.sockets import disable_nagle
 from mailsvc.tls import describe_tls_failure
 
@@ -75,202 +73,6 @@ def timeouts_from(relay_config) -> dict[str, float]:
         "data-block": relay_config.data_block_timeout,
         "data-end": relay_config.data_end_timeout,
     }
-
-
-class SMTPSessionError(Exception):
-    """The session ended before the step asked for was done.
-
-    ``reply`` is the peer's reply that ended it (a refused greeting or
-    HELO, a 421), or ``None`` (connection lost, timeout, garbled reply);
-    ``reason`` says what happened in words. ``data_sent`` is true when the
-    end of data had been sent: the peer may have taken the message.
-    ``partial`` holds the replies to the transaction in progress so far.
-    ``opening`` is the ``OpeningFailed`` when STARTTLS or AUTH did not go
-    as the ``SessionSecurity`` demands; ``tls_failed`` is true when the
-    TLS handshake (or the certificate check) failed.
-    """
-
-    def __init__(
-        self,
-        reason: str,
-        reply: Reply | None = None,
-        data_sent: bool = False,
-        *,
-        opening: OpeningFailed | None = None,
-        tls_failed: bool = False,
-    ) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.reply = reply
-        self.data_sent = data_sent
-        self.opening = opening
-        self.tls_failed = tls_failed
-        # What the peer had said to the transaction in progress, if any.
-        self.partial: SendResult | None = None
-
-    @property
-    def transient(self) -> bool:
-        """False only when the peer refused with a 5xx reply."""
-        return self.reply is None or self.reply.code < 500
-
-
-@dataclass
-class SendResult:
-    """What the peer said to one transaction.
-
-    ``refusal`` is set when the message went to nobody for a reason that
-    applies to every recipient: MAIL refused, or the machine's own refusal
-    (``synthetic``: too big for the peer's SIZE, 8-bit body without
-    8BITMIME). Otherwise ``recipients`` maps each address to its RCPT reply
-    and ``reply`` is the reply to the end of data (or the refusal of DATA),
-    which applies to the ``accepted`` recipients.
-    """
-
-    refusal: Reply | None = None
-    synthetic: bool = False
-    recipients: dict[str, Reply] = field(default_factory=dict)
-    reply: Reply | None = None
-    accepted: tuple[str, ...] = ()
-
-
-# ---------------------------------------------------------------- opening: STARTTLS and AUTH
-
-TLS_POLICIES = ("none", "opportunistic", "required")
-
-
-@dataclass(frozen=True)
-class SessionSecurity:
-    """What a session does between EHLO and its first message.
-
-    ``tls``: ``"none"`` (never STARTTLS), ``"opportunistic"`` (STARTTLS when
-    offered; not offered or refused, the session goes on in clear) or
-    ``"required"`` (it must be offered and succeed). ``tls_options``: the
-    ``IOpenSSLClientConnectionCreator`` for the handshake
-    (``mailsvc.tls.ClientTLSContext``: whether and how the certificate is
-    checked is its business). ``username`` and ``password``: AUTH PLAIN, or
-    LOGIN when only that is offered (rfc4954), after TLS; never in clear
-    text unless ``auth_without_tls``.
-    """
-
-    tls: str = "none"
-    tls_options: object = None
-    username: str = ""
-    password: str = field(default="", repr=False)
-    auth_without_tls: bool = False
-
-    def __post_init__(self) -> None:
-        if self.tls not in TLS_POLICIES:
-            raise ValueError(f"tls must be one of {', '.join(TLS_POLICIES)}, not {self.tls!r}")
-        if self.tls != "none" and self.tls_options is None:
-            raise ValueError("STARTTLS needs tls_options")
-        if self.username and not self.password:
-            raise ValueError("AUTH needs a password")
-
-    def without_tls(self) -> SessionSecurity:
-        """The same without STARTTLS (after a failed opportunistic handshake)."""
-        return dataclasses.replace(self, tls="none", tls_options=None)
-
-
-class OpeningFailed(Exception):
-    """STARTTLS or AUTH did not go as the ``SessionSecurity`` demands.
-
-    ``kind``: ``"no-starttls"`` (required, not offered), ``"starttls-refused"``
-    (required, refused), ``"auth-needs-tls"`` (no TLS, and the password is
-    not sent in clear), ``"no-auth"`` (neither PLAIN nor LOGIN offered),
-    ``"auth-refused"``. ``reply`` is the peer's reply that caused it, if any.
-    """
-
-    TLS_KINDS = frozenset({"no-starttls", "starttls-refused", "auth-needs-tls"})
-
-    def __init__(self, kind: str, reason: str, reply: Reply | None = None) -> None:
-        super().__init__(reason)
-        self.kind = kind
-        self.reason = reason
-        self.reply = reply
-
-    @property
-    def tls(self) -> bool:
-        """True when it is for want of TLS."""
-        return self.kind in self.TLS_KINDS
-
-
-OPEN = "open"  # SessionOpener: the session may carry mail now
-WAIT = "wait"  # SessionOpener: a step is under way; more events to come
-
-
-class SessionOpener:
-    """Takes a client machine from its first ``Ready`` to a session ready
-    for mail: STARTTLS, then AUTH, as ``security`` says.
-
-    Pure logic over the machine: ``start_tls(options)`` is the caller's
-    (it switches its transport: ``ITLSTransport.startTLS``). Feed it every
-    event of ``OPENING_EVENTS``; ``handle`` says ``OPEN`` or ``WAIT``, or
-    raises ``OpeningFailed``.
-
-    - rfc3207 4: STARTTLS when offered and ``tls`` is not ``"none"``; after
-      the 220 the transport switches and the machine forgets everything it
-      knew and says EHLO again (4.2), whose ``Ready`` comes back here.
-    - rfc4954 4: AUTH PLAIN with an initial response (rfc4616), else LOGIN;
-      only over TLS unless ``auth_without_tls`` (PLAIN and LOGIN send the
-      password itself).
-    """
-
-    OPENING_EVENTS = (ev.Ready, ev.TLSReady, ev.TLSRefused, ev.AuthSucceeded, ev.AuthFailed)
-
-    def __init__(self, machine: ClientConnection, security: SessionSecurity, start_tls: Callable[[object], None]) -> None:
-        self.machine = machine
-        self.security = security
-        self._start_tls = start_tls
-        self.authenticated = False
-        self.mechanism = ""  # the AUTH mechanism used
-        self._tls_refused = False
-
-    def handle(self, event: ev.ClientEvent) -> str:
-        """Take one of ``OPENING_EVENTS``: ``WAIT`` or ``OPEN``.
-
-        :raise OpeningFailed: the session cannot be opened as asked.
-        """
-        security = self.security
-        if isinstance(event, ev.TLSReady):
-            self._start_tls(security.tls_options)
-            self.machine.tls_started()  # rfc3207 4.2: forget what came before; EHLO again
-            return WAIT
-        if isinstance(event, ev.TLSRefused):
-            if security.tls == "required":
-                raise OpeningFailed("starttls-refused", f"STARTTLS refused: {event.reply}", event.reply)
-            self._tls_refused = True  # opportunistic: go on in clear
-            return self._next()
-        if isinstance(event, ev.AuthSucceeded):
-            self.authenticated = True
-            return OPEN
-        if isinstance(event, ev.AuthFailed):
-            raise OpeningFailed(
-                "auth-refused", f"AUTH {self.mechanism} as {security.username} refused: {event.reply}", event.reply
-            )
-        return self._next()
-
-    def _next(self) -> str:
-        machine, security = self.machine, self.security
-        offered = machine.extensions
-        if security.tls != "none" and not machine.tls_active and not self._tls_refused and "STARTTLS" in offered:
-            machine.start_tls()
-            return WAIT
-        if security.tls == "required" and not machine.tls_active:
-            raise OpeningFailed("no-starttls", "STARTTLS not offered")
-        if security.username and not self.authenticated:
-            if not machine.tls_active and not security.auth_without_tls:
-                raise OpeningFailed("auth-needs-tls", "no TLS, and the AUTH password is not sent in clear text")
-            mechanisms = offered.get("AUTH", "").upper().split()
-            if "PLAIN" in mechanisms:
-                self.mechanism = "PLAIN"
-                machine.auth_plain(security.username, security.password)
-            elif "LOGIN" in mechanisms:
-                self.mechanism = "LOGIN"
-                machine.auth_login(security.username, security.password)
-            else:
-                raise OpeningFailed("no-auth", f"AUTH PLAIN or LOGIN not offered (AUTH: {' '.join(mechanisms) or 'none'})")
-            return WAIT
-        return OPEN
 
 
 # ---------------------------------------------------------------- the body

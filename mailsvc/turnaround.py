@@ -42,10 +42,11 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailsvc.clientprotocol import SendResult, SMTPClientProtocol, SMTPSessionError
+from mailsvc.clientprotocol import SMTPClientProtocol
+from mailsvc.clientresults import SendResult, SMTPSessionError
 from mailsvc.configtable import checkDomain
 from mailsvc.delivery.hold import domain_of
-from mailsvc.delivery.relay import dsn_parameters, transaction_results
+from mailsvc.delivery.relayoutcome import dsn_parameters, transaction_results
 from mailsvc.envelope import QueuedMessage, RecipientState
 from mailsvc.errors import DeliveryError, PermanentDeliveryError, TemporaryDeliveryError
 from mailsvc.interfaces import IDeliveryAgent

@@ -21,7 +21,8 @@ from twisted.test import iosim
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from mailsvc.clientprotocol import CHUNK_SIZE, SMTPClientProtocol, SMTPSessionError
+from mailsvc.clientprotocol import CHUNK_SIZE, SMTPClientProtocol
+from mailsvc.clientresults import SMTPSessionError
 from mailsvc.relayconfig import RelayConfig, RouteConfig
 from mailsvc.delivery.bounce import outcome_of
 from mailsvc.delivery.downgrade import downgrade_bytes

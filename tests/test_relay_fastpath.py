@@ -15,7 +15,8 @@ from test_relay_secure import auth_relay
 from twisted.internet import defer, task
 from twisted.internet.testing import StringTransport
 
-from mailsvc.clientprotocol import CHUNK_SIZE, SMTPClientProtocol, SMTPSessionError
+from mailsvc.clientprotocol import CHUNK_SIZE, SMTPClientProtocol
+from mailsvc.clientresults import SMTPSessionError
 from mailsvc.delivery.pool import ConnectionPool
 from mailsvc.envelope import Recipient
 from mailsvc.errors import PermanentDeliveryError, TemporaryDeliveryError

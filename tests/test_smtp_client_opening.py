@@ -9,7 +9,7 @@ import base64
 
 import pytest
 
-from mailsvc.clientprotocol import OPEN, WAIT, OpeningFailed, SessionOpener, SessionSecurity
+from mailsvc.clientsession import OPEN, WAIT, OpeningFailed, SessionOpener, SessionSecurity
 from mailsvc.smtp import client_events as ev
 from mailsvc.smtp.client import NO_RECIPIENTS, ClientConnection, ClientSettings, State, Transaction
 from test_smtp_client import GREETING, OK, feed, tx

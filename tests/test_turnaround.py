@@ -439,7 +439,7 @@ def test_reversed_session_agent_one_message_at_a_time(tmp_path):
     one, two = provider.held()
     d1, d2 = agent.deliver(one), agent.deliver(two)
     assert len(sends) == 1
-    from mailsvc.clientprotocol import SendResult
+    from mailsvc.clientresults import SendResult
     from mailsvc.smtp.replies import Reply
 
     ok = Reply.of(250, "2.0.0", "ok")

@@ -39,7 +39,8 @@ whole connection, not a recipient. A 5xx greeting, HELO or MAIL fails every
 recipient of the domain for good. Otherwise each recipient gets what the
 peer said: 2xx delivered, 4xx ``TemporaryDeliveryError``, 5xx
 ``PermanentDeliveryError``, written ``"<x.y.z> host <name> said: <reply>"``
-so that bounces name the Remote-MTA (``mailsvc.delivery.bounce.outcome_of``).
+so that bounces name the Remote-MTA (``mailsvc.delivery.bounce.outcome_of``;
+the results are made in ``mailsvc.delivery.relayoutcome``).
 When every address failed, the last reason is returned as a temporary error
 (rfc5321 4.5.4.1: the message stays queued and is retried).
 
@@ -51,7 +52,8 @@ ORCPT per recipient, RET and ENVID per message); then the peer sends any
 success report. To a peer without DSN, a recipient that asked for
 NOTIFY=SUCCESS gets a "relayed" report from us (rfc3461 5.2.2).
 
-TLS and AUTH (``mailsvc.clientprotocol.SessionOpener``, ``mailsvc.tls.ClientTLSContext``):
+TLS and AUTH (``mailsvc.clientprotocol.SessionOpener``, ``mailsvc.tls.ClientTLSContext``;
+what each host or route gets: ``mailsvc.delivery.relaysecurity``):
 
 - MX hosts, and routes with ``tls = "opportunistic"``: STARTTLS when
   offered (rfc3207), the certificate not checked (like Postfix's ``may``:
@@ -84,7 +86,7 @@ import dataclasses
 import functools
 import io
 import ipaddress
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 from twisted.internet import defer
 from twisted.internet import error as net_error
@@ -96,26 +98,29 @@ from twisted.internet.endpoints import (
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailsvc.clientprotocol import (
-    CHUNK_SIZE,
-    OpeningFailed,
-    SendResult,
-    SessionSecurity,
-    SMTPClientFactory,
-    SMTPSessionError,
-    timeouts_from,
-)
+from mailsvc.clientprotocol import CHUNK_SIZE, SMTPClientFactory, timeouts_from
+from mailsvc.clientresults import SMTPSessionError
+from mailsvc.clientsession import SessionSecurity
 from mailsvc.delivery.downgrade import CannotDowngrade
 from mailsvc.delivery.outgoing import OutgoingMessage
 from mailsvc.delivery.pool import ConnectionPool, PooledConnection
-from mailsvc.envelope import Delivered, QueuedMessage, Recipient, RecipientState
+from mailsvc.delivery.relayoutcome import (
+    checked_transaction,
+    connect_failure_reason,
+    dsn_parameters,
+    opening_error,
+    results_lost_after_data,
+    same_for_all,
+    session_error,
+    transaction_results,
+    unanswered,
+)
+from mailsvc.delivery.relaysecurity import RouteSecurities, opportunistic_security
+from mailsvc.envelope import QueuedMessage, Recipient, RecipientState
 from mailsvc.errors import DeliveryError, PermanentDeliveryError, TemporaryDeliveryError
 from mailsvc.interfaces import IDeliveryAgent
 from mailsvc.smtp.client import ClientSettings, State
 from mailsvc.smtp.client_events import Transaction
-from mailsvc.smtp import xtext
-from mailsvc.smtp.replies import Reply
-from mailsvc.tls import ClientTLSContext, TLSError
 
 # The MAIL parameters of the received message that are passed on (when the
 # peer offers their extension; the client machine checks that).
@@ -201,8 +206,7 @@ class RelayAgent:
         self._log = log or Logger(namespace="mailsvc.delivery.relay")
         self._blocking = run_blocking or defer.maybeDeferred
         self._downgrade_limit = downgrade_limit
-        self._checked_tls: dict = {}  # (names, ca_file) -> ClientTLSContext, built once
-        self._route_securities: dict = {}  # RouteConfig without AUTH -> its SessionSecurity
+        self._route_securities = RouteSecurities(self._blocking)
         self._pool = ConnectionPool(
             clock,
             relay_config.max_connections,
@@ -237,7 +241,7 @@ class RelayAgent:
         try:
             size, received = await self._blocking(self._scan, message)
         except OSError as e:
-            return _all(pending, TemporaryDeliveryError(f"cannot read the queued message: {e}", "4.3.0"))
+            return same_for_all(pending, TemporaryDeliveryError(f"cannot read the queued message: {e}", "4.3.0"))
         if received > self._config.max_received_headers:
             # rfc5321 6.3: too many Received: headers is a loop; it is bounced.
             error = PermanentDeliveryError(
@@ -245,7 +249,7 @@ class RelayAgent:
                 f" (more than {self._config.max_received_headers})",
                 "5.4.6",
             )
-            return _all(pending, error)
+            return same_for_all(pending, error)
         by_domain: dict[str, list[str]] = {}
         for address in pending:
             by_domain.setdefault(address.rpartition("@")[2].lower().rstrip("."), []).append(address)
@@ -296,12 +300,12 @@ class RelayAgent:
             return await self._deliver_domain(message, content, domain, addresses, size)
         except Exception as e:
             self._log.failure("relay of id={id} to domain {domain} failed unexpectedly", id=message.id, domain=domain)
-            return _all(addresses, TemporaryDeliveryError(f"internal error: {e.__class__.__name__}: {e}", "4.3.0"))
+            return same_for_all(addresses, TemporaryDeliveryError(f"internal error: {e.__class__.__name__}: {e}", "4.3.0"))
 
     async def _deliver_domain(self, message: QueuedMessage, content, domain: str, addresses: list[str], size: int) -> dict:
         results: dict = {}
         if not domain:
-            return _all(addresses, PermanentDeliveryError("recipient address has no domain", "5.1.3"))
+            return same_for_all(addresses, PermanentDeliveryError("recipient address has no domain", "5.1.3"))
         envelope = message.envelope
         mail_params = {}
         for key in _PASSED_ON:
@@ -313,32 +317,26 @@ class RelayAgent:
         rcpts = tuple((address, dsn_parameters(by_address.get(address))) for address in addresses)
         try:
             # The whole envelope is checked once; only when something in it
-            # is wrong is it taken apart to find what (_checked_transaction).
+            # is wrong is it taken apart to find what (checked_transaction).
             transaction = Transaction(envelope.sender, rcpts, mail_params, size=size, body_8bit=body_8bit)
             valid = addresses
         except ValueError:
-            transaction, valid, results = _checked_transaction(envelope, addresses, by_address, mail_params, size, body_8bit)
+            transaction, valid, results = checked_transaction(envelope, addresses, by_address, mail_params, size, body_8bit)
             if transaction is None:
                 return results
 
         route = self._config.route_for(domain)
         if route is not None:
-            # Nothing changes in a route's security between messages but a
-            # password, read again for each message: without one it is made once.
-            security = self._route_securities.get(route)
-            if security is None:
-                try:
-                    security = await self._route_security(route)
-                except DeliveryError as e:
-                    return {**results, **_all(valid, e)}
-                if not route.username:
-                    self._route_securities[route] = security
+            try:
+                security = await self._route_securities.security_for(route)
+            except DeliveryError as e:
+                return {**results, **same_for_all(valid, e)}
             targets = [(route.host, route.host, route.port)]
         else:
             try:
                 found = await self._mx.resolve(domain)
             except DeliveryError as e:
-                return {**results, **_all(valid, e)}
+                return {**results, **same_for_all(valid, e)}
             targets = [(name, address, self._config.port) for name, address in found.targets()]
 
         last: DeliveryError = TemporaryDeliveryError(f"no host to try for {domain}", "4.4.4")
@@ -346,7 +344,7 @@ class RelayAgent:
             if route is None:
                 # An MX host: opportunistic STARTTLS, no check (no MTA-STS, no
                 # DANE); its TLS context is made only if a connection is opened.
-                key, host_security = (host, port), functools.partial(_opportunistic, name)
+                key, host_security = (host, port), functools.partial(opportunistic_security, name)
             else:
                 # A route's connections are its own: its TLS and AUTH differ.
                 plain = route.tls == "opportunistic" and not route.username
@@ -364,45 +362,9 @@ class RelayAgent:
         if not last.permanent:
             # rfc5321 4.5.4.1: every address failed: keep it queued, retry later.
             last = TemporaryDeliveryError(last.text, last.status)
-        return {**results, **_all(valid, last)}
+        return {**results, **same_for_all(valid, last)}
 
     # ---------------------------------------------------------- one address
-
-    async def _route_security(self, route) -> SessionSecurity:
-        """STARTTLS and AUTH for a route (or the smarthost), its password read now.
-
-        :raise TemporaryDeliveryError: the password file or CA file cannot be used.
-        """
-        password = ""
-        if route.username:
-            try:
-                password = await self._blocking(_read_password, route.password_file)
-            except (OSError, ValueError) as e:
-                # rfc3463 3.4: X.3.5 system incorrectly configured.
-                raise TemporaryDeliveryError(f"cannot read the password for {route.host}: {e}", "4.3.5") from None
-        if route.tls == "none":
-            options = None
-        elif route.tls == "opportunistic":
-            options = ClientTLSContext((route.host,), verify=False)
-        else:
-            # rfc7817 3: the host the connection is opened to, and (for a
-            # per-domain route) the domain of the recipients.
-            names = (route.host,) if route.domain == "*" else (route.host, route.domain)
-            ca_file = route.ca_file
-            options = self._checked_tls.get((names, ca_file))
-            if options is None:
-                try:
-                    options = ClientTLSContext(names, verify=True, ca_file=ca_file)
-                except TLSError as e:
-                    raise TemporaryDeliveryError(f"TLS to {route.host}: cannot use the CA file: {e}", "4.7.5") from None
-                self._checked_tls[(names, ca_file)] = options
-        return SessionSecurity(
-            tls=route.tls,
-            tls_options=options,
-            username=route.username,
-            password=password,
-            auth_without_tls=route.tls == "none",  # said explicitly in the config
-        )
 
     async def _attempt(self, message, content, transaction, name, host, port, security=None, key=None):
         """One transaction with ``host:port``: on an idle connection kept from
@@ -472,7 +434,7 @@ class RelayAgent:
         except Exception as e:
             # rfc3463 3.5: X.4.1 no answer from host; X.4.3 the name did not resolve.
             status = "4.4.3" if isinstance(e, net_error.DNSLookupError) else "4.4.1"
-            return TemporaryDeliveryError(f"connect to {where}: {_describe(e)}", status)
+            return TemporaryDeliveryError(f"connect to {where}: {connect_failure_reason(e)}", status)
         self._pool.connected(slot, protocol)
         return None
 
@@ -489,8 +451,8 @@ class RelayAgent:
                     # rfc3463 3.8: X.7.5 cryptographic failure.
                     return _TLSFailed(TemporaryDeliveryError(f"{where}: {e.reason}", "4.7.5"))
                 if e.opening is not None:
-                    return _opening_error(where, e.opening)
-                return _session_error(name, where, e)
+                    return opening_error(where, e.opening)
+                return session_error(name, where, e)
         if transaction.body_8bit and "8BITMIME" not in protocol.extensions:
             # rfc6152 3: no 8-bit data to this peer: convert to 7-bit MIME, or bounce.
             try:
@@ -512,181 +474,10 @@ class RelayAgent:
             result = await protocol.send(transaction, body)
         except SMTPSessionError as e:
             if not e.data_sent:
-                if slot.reused and _unanswered(e):
+                if slot.reused and unanswered(e):
                     return _STALE
-                return _session_error(name, where, e)
-            return self._lost_after_data(name, where, transaction, e)
+                return session_error(name, where, e)
+            return results_lost_after_data(name, where, transaction, e)
         finally:
             body.close()
         return transaction_results(name, transaction, result, "DSN" in protocol.extensions)
-
-    def _lost_after_data(self, name, where, transaction, error: SMTPSessionError) -> dict:
-        """The session broke after the end of data: the accepted recipients may
-        have the message; they are retried (at least once, never lost)."""
-        partial = error.partial or SendResult()
-        results = {}
-        for address, _ in transaction.recipients:
-            reply = partial.recipients.get(address)
-            if reply is not None and reply.code >= 400:
-                results[address] = _said(name, reply)
-            else:
-                results[address] = TemporaryDeliveryError(
-                    f"connection to {where} broken after the end of data"
-                    f" (the message may have been delivered): {error.reason}",
-                    "4.4.2",
-                )
-        return results
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def _checked_transaction(envelope, addresses, by_address, mail_params, size, body_8bit):
-    """The transaction for ``addresses`` when their envelope did not pass as a
-    whole: ``(transaction or None, valid addresses, errors)``. A bad recipient
-    fails alone (5.1.3); parameters we cannot repeat are dropped rather than
-    the message; a bad sender fails every recipient (5.1.7)."""
-    results: dict = {}
-    valid = []
-    for address in addresses:
-        try:
-            Transaction("", (address,))
-        except ValueError as e:
-            results[address] = PermanentDeliveryError(f"bad recipient address <{address}>: {e}", "5.1.3")
-        else:
-            valid.append(address)
-    if not valid:
-        return None, valid, results
-    rcpts = tuple((address, dsn_parameters(by_address.get(address))) for address in valid)
-    try:
-        try:
-            transaction = Transaction(envelope.sender, rcpts, mail_params, size=size, body_8bit=body_8bit)
-        except ValueError:
-            # A parameter we cannot repeat is dropped rather than the message.
-            transaction = Transaction(envelope.sender, tuple(valid), {}, size=size, body_8bit=body_8bit)
-    except ValueError as e:
-        # rfc3463 3.2: X.1.7 bad sender's mailbox address syntax.
-        return None, valid, {**results, **_all(valid, PermanentDeliveryError(f"bad envelope: {e}", "5.1.7"))}
-    return transaction, valid, results
-
-
-def _all(addresses: Iterable[str], error: DeliveryError | None) -> dict:
-    return {address: error for address in addresses}
-
-
-def _said(name: str, reply: Reply) -> DeliveryError:
-    """The peer's refusal as the error text bounces read: ``host <name> said: <reply>``."""
-    permanent = reply.code >= 500
-    status = reply.enhanced or ("5.0.0" if permanent else "4.0.0")
-    kind = PermanentDeliveryError if permanent else TemporaryDeliveryError
-    return kind(f"host {name} said: {reply}", status)
-
-
-def _session_error(name: str, where: str, error: SMTPSessionError) -> DeliveryError:
-    """A session that ended before the end of data: a 5xx from the peer is
-    permanent; anything else means trying the next address."""
-    if error.reply is not None:
-        return _said(name, error.reply)
-    # rfc3463 3.5: X.4.2 bad connection (timeouts, lost connections).
-    return TemporaryDeliveryError(f"conversation with {where} failed: {error.reason}", "4.4.2")
-
-
-def _opening_error(where: str, failure: OpeningFailed) -> DeliveryError:
-    """STARTTLS or AUTH did not go as the route demands: always temporary."""
-    if failure.tls:
-        # rfc3463 3.8: X.7.5 cryptographic failure (X.7.4 is "useful only as
-        # a permanent error").
-        hint = {
-            "no-starttls": " (TLS is required for this route)",
-            "starttls-refused": " (TLS is required for this route)",
-            "auth-needs-tls": ' (tls = "none" on the route allows AUTH in clear)',
-        }[failure.kind]
-        return TemporaryDeliveryError(f"{where}: {failure.reason}{hint}", "4.7.5")
-    if failure.kind == "auth-refused" and failure.reply is not None:
-        # Deferred, not bounced, like Postfix's smtp_sasl_auth_soft_bounce:
-        # the password is ours to fix. rfc4954 6: 535 5.7.8 → 4.7.8.
-        enhanced = failure.reply.enhanced
-        status = "4" + enhanced[1:] if enhanced else ("4.7.8" if failure.reply.code == 535 else "4.7.0")
-        return TemporaryDeliveryError(f"{where}: {failure.reason}", status)
-    return TemporaryDeliveryError(f"{where}: {failure.reason}", "4.7.0")
-
-
-def _opportunistic(name: str) -> SessionSecurity:
-    """STARTTLS when offered, any certificate (an MX host: rfc3207 4.1 leaves
-    the check to local policy; MTA-STS and DANE are not done)."""
-    return SessionSecurity(tls="opportunistic", tls_options=ClientTLSContext((name,), verify=False))
-
-
-def _read_password(path) -> str:
-    """The first line of the password file (blocking).
-
-    :raise ValueError: it is empty.
-    """
-    with open(path, encoding="utf-8") as f:
-        password = f.readline().rstrip("\r\n")
-    if not password:
-        raise ValueError(f"{path} is empty")
-    return password
-
-
-def _unanswered(error: SMTPSessionError) -> bool:
-    """True when the session broke before the peer answered any RCPT (lost,
-    timed out, or 421): nothing of the transaction was done, so it may be
-    started again on a new connection."""
-    answered = error.partial is not None and bool(error.partial.recipients)
-    return not answered and (error.reply is None or error.reply.code == 421)
-
-
-def dsn_parameters(recipient: Recipient | None) -> dict:
-    """rfc3461 4.1, 4.2: the NOTIFY and ORCPT to pass on for ``recipient``
-    (sent only if the peer offers DSN: the client machine filters them)."""
-    if recipient is None:
-        return {}
-    parameters = {}
-    if recipient.notify:
-        parameters["NOTIFY"] = recipient.notify
-    if recipient.original and recipient.original != recipient.address and "@" in recipient.original:
-        parameters["ORCPT"] = "rfc822;" + xtext.encode(recipient.original)
-    return parameters
-
-
-def transaction_results(name: str, transaction: Transaction, result: SendResult, peer_dsn: bool = False):
-    """Per-recipient results of a finished transaction, or one error for all.
-
-    A success is ``Delivered.PASSED_ON`` when the peer took the DSN request
-    over (rfc3461 5.2.1), else ``Delivered.RELAYED`` (5.2.2)."""
-    if result.refusal is not None:
-        reply = result.refusal
-        if result.synthetic:
-            # Our machine refused before sending (SIZE, 8BITMIME, SMTPUTF8).
-            text = f"host {name}: {reply.lines[0]}"
-            kind = PermanentDeliveryError if reply.code >= 500 else TemporaryDeliveryError
-            return kind(text, reply.enhanced or "5.0.0")
-        # MAIL refused: 5xx fails everyone; 4xx concerns the whole transaction.
-        return _said(name, reply)
-    results: dict = {}
-    accepted = set(result.accepted)
-    for address, _ in transaction.recipients:
-        reply = result.recipients.get(address)
-        if reply is None:
-            results[address] = TemporaryDeliveryError(f"host {name} gave no reply to RCPT", "4.4.2")
-        elif reply.code >= 400:
-            results[address] = _said(name, reply)
-        elif address not in accepted or result.reply is None:
-            results[address] = TemporaryDeliveryError(f"host {name} gave no reply to the message", "4.4.2")
-        elif result.reply.code >= 400:
-            results[address] = _said(name, result.reply)
-        else:
-            results[address] = Delivered.PASSED_ON if peer_dsn else Delivered.RELAYED
-    return results
-
-
-def _describe(error: BaseException) -> str:
-    """A short reason for a failed connection, for the error text."""
-    if isinstance(error, (defer.TimeoutError, TimeoutError, net_error.TimeoutError, defer.CancelledError)):
-        return "connection timed out"
-    if isinstance(error, net_error.ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(error, net_error.DNSLookupError):
-        return "host name lookup failed"
-    return str(error) or error.__class__.__name__
