@@ -157,6 +157,7 @@ class FileSpool:
         self._syncer = DirectorySyncer(fsync)  # group commit of directory fsyncs
         self._tmp = os.fspath(self.directory / "tmp")
         self._hops: dict[str, str] = {}  # hop -> its directory, known to exist
+        self._hop_names: dict[str, str] = {}  # hop -> its directory, name checked
         self._active: set[str] = set()  # ids being written or committed
         self._renaming = threading.RLock()  # C./H. renames: update, hold, release, delete
         (self.directory / "tmp").mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -473,9 +474,16 @@ class FileSpool:
         """The directory of ``hop`` as text, made if ``create`` (remembered once made)."""
         path = self._hops.get(hop)
         if path is None:
-            path = os.fspath(self._hop_dir(hop, create))
-            if create:
-                self._hops[hop] = path
+            if not create:
+                # Its name checked once (another process may make it: the
+                # receiver processes write, this one removes).
+                path = self._hop_names.get(hop)
+                if path is None:
+                    if len(self._hop_names) >= 1024:
+                        self._hop_names.clear()
+                    path = self._hop_names[hop] = os.fspath(self._hop_dir(hop))
+                return path
+            path = self._hops[hop] = os.fspath(self._hop_dir(hop, create))
         return path
 
     def _hop_dir(self, hop: str, create: bool = False) -> pathlib.Path:
