@@ -82,6 +82,15 @@ class Queued(amp.Command):
     requiresAnswer = False
 
 
+MAX_MESSAGE = 60000  # octets of a pickled QueuedMessage sent along (an AMP value holds 65535)
+
+
+def pickled(message) -> bytes:
+    """What ``Queued`` carries for ``message``: pickled, or b"" when too big."""
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return data if len(data) <= MAX_MESSAGE else b""
+
+
 class Spent(amp.Command):
     """To a receiver: files of ``spent/`` it may reuse for new messages
     (``FileSpool.give_spent``: removed here, their removal durable)."""
@@ -98,15 +107,6 @@ BATCH = 256
 SETTLE_AT = 64
 
 
-MAX_MESSAGE = 60000  # octets of a pickled QueuedMessage sent along (an AMP value holds 65535)
-
-
-def pickled(message) -> bytes:
-    """What ``Queued`` carries for ``message``: pickled, or b"" when too big."""
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    return data if len(data) <= MAX_MESSAGE else b""
-
-
 class Etrn(amp.Command):
     """ETRN from ``client`` (rfc1985): the reply of the main process's TurnAround."""
 
@@ -119,12 +119,13 @@ class Etrn(amp.Command):
 def log_line(event: dict, text: str) -> bytes:
     """A receiver's log event, rendered, as one line for its standard error."""
     level = event.get("log_level")
+    system = event.get("log_system")
     return json.dumps(
         {
             "time": event.get("log_time"),
-            "namespace": event.get("log_namespace", "-"),
+            "namespace": str(event.get("log_namespace", "-")),
             "level": None if level is None else level.name,
-            "system": event.get("log_system"),
+            "system": None if system is None else str(system),
             "text": text,
         },
         ensure_ascii=False,
