@@ -27,10 +27,14 @@ with. The pieces:
   ``[pop3]``, sharing one connection count.
 
 The package: ``encoding`` (stored bytes to the wire), ``mailbox`` (avatar and
-realm), ``server`` (the protocol), ``listeners`` (factory and endpoints).
+realm), ``server`` (the protocol), ``login`` (USER/PASS/APOP and SASL AUTH,
+mixed into the protocol), ``transfer`` (RETR and TOP, mixed in too),
+``replies`` (``-ERR`` texts with response codes), ``listeners`` (factory and
+endpoints).
 
 Where ``twisted.mail.pop3.POP3`` is broken (Twisted 24-26 on Python 3),
-``mailsvc.pop3.server`` works around it in the subclass rather than patching it:
+``mailsvc.pop3.server`` works around it in the subclass (with its mixins
+from ``login`` and ``transfer``) rather than patching it:
 
 1. ``state_COMMAND`` builds its error reply with ``b"".join(e.args)``, but
    on Python 3 a ``ValueError`` or ``TypeError`` carries ``str`` arguments:
@@ -68,7 +72,8 @@ Where ``twisted.mail.pop3.POP3`` is broken (Twisted 24-26 on Python 3),
 from mailsvc.pop3.encoding import MessageEncoder, TopLimit
 from mailsvc.pop3.listeners import POP3Connections, POP3Factory, pop3_authenticator, pop3_listeners
 from mailsvc.pop3.mailbox import MailboxRealm, POP3Mailbox
-from mailsvc.pop3.server import IN_USE, POP3Server
+from mailsvc.pop3.replies import IN_USE
+from mailsvc.pop3.server import POP3Server
 
 __all__ = [
     "IN_USE",

@@ -15,7 +15,8 @@ from mailsvc.interfaces import IMailboxAccess
 from mailsvc.limits import ClientConnections
 from mailsvc.listeners import Listener, authenticator, tls_context
 from mailsvc.pop3.mailbox import MailboxRealm
-from mailsvc.pop3.server import TOO_MANY_CONNECTIONS, TOO_MANY_FROM_CLIENT, POP3Server
+from mailsvc.pop3.replies import TOO_MANY_CONNECTIONS, TOO_MANY_FROM_CLIENT
+from mailsvc.pop3.server import POP3Server
 
 log = Logger(namespace="mailsvc.pop3")
 
