@@ -24,118 +24,40 @@ One connection carries any number of messages. Each command's reply is
 matched to it by counting, never by its text (rfc2920 3.1); a reply code is
 read by its first digit (rfc5321 4.2.1, 4.3.2), and 421 ends the session at
 any point (rfc5321 3.8).
+
+The state machine is here; the parts that stand alone live beside it:
+``client_state`` (settings, states, what each reply due answers, timeout
+phases), ``client_capabilities`` (the EHLO reply read), ``client_commands``
+(command lines and their ESMTP parameters), ``client_chunking`` (BDAT
+framing) and ``client_transaction`` (the transaction's bookkeeping).
 """
 
 from __future__ import annotations
 
-import base64
 import collections
-import enum
-from dataclasses import dataclass
 
 from mailsvc.smtp import client_events as ev
-from mailsvc.smtp.client_events import ESMTP_KEYWORD, Transaction
+from mailsvc.smtp.client_capabilities import extensions_from_ehlo, offers_auth, size_limit
+from mailsvc.smtp.client_chunking import ChunkWriter
+from mailsvc.smtp.client_commands import (
+    atrn_command,
+    auth_login_answers,
+    auth_plain_command,
+    hello_command,
+    mail_command,
+    mail_parameters,
+    offered_parameters,
+    rcpt_command,
+)
+from mailsvc.smtp.client_events import Transaction
+from mailsvc.smtp.client_state import TIMEOUT_PHASES, ClientSettings, ReplyDue, State
+from mailsvc.smtp.client_transaction import NO_RECIPIENTS, TransactionProgress
 from mailsvc.smtp.replies import Reply
 from mailsvc.smtp.reply_parser import MalformedReply, ReplyParser
 from mailsvc.smtp.stuffing import DotStuffer
 
-# The EHLO keyword a MAIL/RCPT parameter needs; any other parameter needs the
-# keyword of its own name. rfc3461 4 (DSN), rfc4954 5 (AUTH=), rfc6531 3.4.
-PARAMETER_EXTENSION = {
-    "RET": "DSN",
-    "ENVID": "DSN",
-    "NOTIFY": "DSN",
-    "ORCPT": "DSN",
-    "AUTH": "AUTH",
-    "SMTPUTF8": "SMTPUTF8",
-}
-
-NO_RECIPIENTS = Reply.of(554, "5.5.1", "No recipient was accepted")
-
-
-@dataclass(frozen=True)
-class ClientSettings:
-    """What the machine needs to know about the client it speaks for."""
-
-    helo_name: str  # rfc5321 4.1.1.1: our domain or address literal
-    pipelining: bool = True  # use PIPELINING when the server offers it
-    chunking: bool = True  # use CHUNKING (BDAT, rfc3030) when the server offers it
-    tls: bool = False  # the transport is TLS from the start (rfc8314 implicit TLS)
-
-    def __post_init__(self) -> None:
-        name = self.helo_name
-        if not name or " " in name or not (name.isascii() and name.isprintable()):
-            raise ValueError(f"bad HELO name: {name!r}")
-
-
-class State(enum.Enum):
-    """Where the session stands; see ``ClientConnection``."""
-
-    GREETING = "greeting"  # waiting for 220
-    HELLO = "hello"  # EHLO or HELO sent
-    READY = "ready"  # idle: send_message, start_tls or quit
-    STARTTLS = "starttls"  # STARTTLS sent
-    TLS_HANDSHAKE = "tls-handshake"  # 220 to STARTTLS; waiting for tls_started()
-    TRANSACTION = "transaction"  # MAIL, RCPT, DATA (or RSET) replies due
-    DATA = "data"  # 354 came (or, with BDAT, a recipient was accepted): send_data() / end_data()
-    DATA_END = "data-end"  # end of data sent; the final reply is due
-    QUIT = "quit"  # QUIT sent
-    AUTH = "auth"  # AUTH sent; 235 or a refusal is due
-    TURN = "turn"  # TURN or ATRN sent
-    TURNED = "turned"  # 250 to TURN/ATRN: roles reversed, the machine is done
-    REFUSED = "refused"  # greeting or HELO refused: only quit()
-    CLOSED = "closed"
-
-
-class _Tag(enum.Enum):
-    """What a reply due answers."""
-
-    GREETING = "greeting"
-    EHLO = "EHLO"
-    HELO = "HELO"
-    STARTTLS = "STARTTLS"
-    RSET = "RSET"
-    MAIL = "MAIL"
-    RCPT = "RCPT"
-    DATA = "DATA"
-    DOT = "dot"  # the lone "." after 354 with no recipient (rfc2920 3.1)
-    END = "end"  # end of data (or BDAT ... LAST)
-    BDAT = "BDAT"  # a BDAT chunk that is not the last (rfc3030 2)
-    QUIT = "QUIT"
-    AUTH = "AUTH"
-    TURN = "TURN"  # TURN or ATRN
-
-    # Tags key the tables below, looked up for every reply: the members are
-    # singletons compared by identity, so the identity hash (in C) serves,
-    # not Enum's own (a Python call).
-    __hash__ = object.__hash__
-
-
-# rfc5321 4.5.3.2: which timeout applies while each reply is due. Commands
-# that 4.5.3.2 does not name get the 5-minute per-command one ("mail").
-_PHASES = {
-    _Tag.GREETING: "greeting",
-    _Tag.RCPT: "rcpt",
-    _Tag.DATA: "data-init",
-    _Tag.DOT: "data-end",
-    _Tag.END: "data-end",
-    _Tag.BDAT: "data-block",
-    # rfc2645 5.2.1: the ATRN timeout "MUST be at least 10 minutes" (the
-    # provider reads its queue first): the 10-minute phase.
-    _Tag.TURN: "data-end",
-}
-
-
-class _Exchange:
-    """The bookkeeping of the transaction in progress."""
-
-    def __init__(self, transaction: Transaction) -> None:
-        self.transaction = transaction
-        self.mail_refusal: Reply | None = None
-        self.accepted: list[str] = []
-        self.rcpt_index = 0  # the recipient whose RCPT reply is due next
-        self.chunking = False  # the body goes as BDAT chunks (rfc3030)
-        self.chunk_refusal: Reply | None = None  # the first BDAT chunk refused
+# ``ClientSettings``, ``State``, ``Transaction`` and ``NO_RECIPIENTS`` are the
+# machine's public names too: its users import them from here.
 
 
 class ClientConnection:
@@ -156,12 +78,11 @@ class ClientConnection:
         self._parser = ReplyParser()
         self._out: list[bytes] = []
         self._events: collections.deque[ev.ClientEvent] = collections.deque()
-        self._due: collections.deque[_Tag] = collections.deque([_Tag.GREETING])
-        self._unsent: collections.deque[tuple[_Tag, bytes]] = collections.deque()
-        self._exchange: _Exchange | None = None
+        self._due: collections.deque[ReplyDue] = collections.deque([ReplyDue.GREETING])
+        self._unsent: collections.deque[tuple[ReplyDue, bytes]] = collections.deque()
+        self._exchange: TransactionProgress | None = None
         self._stuffer: DotStuffer | None = None
-        self._chunk: bytes | None = None  # BDAT: the chunk held back, to go with LAST
-        self._tail = b""  # BDAT: the last two octets of the data so far
+        self._chunks: ChunkWriter | None = None  # BDAT: the body's chunks (rfc3030)
         self._auth_answers: collections.deque[bytes] = collections.deque()  # lines for 334s
         # The server may still hold a transaction (MAIL accepted, no end of
         # data since): the next one starts with RSET (rfc5321 4.1.1.5).
@@ -208,8 +129,7 @@ class ClientConnection:
     @property
     def max_size(self) -> int:
         """The server's SIZE limit in octets (rfc1870 4); 0 when it gives none."""
-        value = self.extensions.get("SIZE", "")
-        return int(value) if value.isdigit() else 0
+        return size_limit(self.extensions)
 
     @property
     def chunking(self) -> bool:
@@ -238,7 +158,7 @@ class ClientConnection:
             return "data-block"
         if not self._due or self.state is State.CLOSED:
             return None
-        return _PHASES.get(self._due[0], "mail")
+        return TIMEOUT_PHASES.get(self._due[0], "mail")
 
     # ---------------------------------------------------------- caller's calls
 
@@ -246,22 +166,23 @@ class ClientConnection:
         """Start a transaction: RSET if needed, MAIL, RCPTs, DATA (rfc5321 3.3),
         in one write under PIPELINING (rfc2920 3.1), else one at a time."""
         self._require(State.READY)
-        mail_params, refusal = self._mail_parameters(transaction)
+        mail_params, refusal = mail_parameters(transaction, self.extensions)
         if refusal is not None:
             self._events.append(ev.TransactionFailed(refusal, synthetic=True))
             return
-        self._exchange = _Exchange(transaction)
+        self._exchange = TransactionProgress(transaction)
         self._exchange.chunking = self.settings.chunking and "CHUNKING" in self.extensions
         self.state = State.TRANSACTION
         if self._needs_reset:
-            self._unsent.append((_Tag.RSET, b"RSET\r\n"))
-        self._unsent.append((_Tag.MAIL, _command(f"MAIL FROM:<{transaction.sender}>", mail_params)))
+            self._unsent.append((ReplyDue.RSET, b"RSET\r\n"))
+        self._unsent.append((ReplyDue.MAIL, mail_command(transaction.sender, mail_params)))
         for address, params in transaction.recipients:
-            self._unsent.append((_Tag.RCPT, _command(f"RCPT TO:<{address}>", self._offered(params))))
+            line = rcpt_command(address, offered_parameters(params, self.extensions))
+            self._unsent.append((ReplyDue.RCPT, line))
         if not self._exchange.chunking:
             # With BDAT there is no DATA: the first chunk goes once a
             # recipient is accepted (``_recipients_done``).
-            self._unsent.append((_Tag.DATA, b"DATA\r\n"))
+            self._unsent.append((ReplyDue.DATA, b"DATA\r\n"))
         self._write_unsent()
 
     def send_data(self, chunk: bytes) -> None:
@@ -271,13 +192,13 @@ class ClientConnection:
         if self.chunking:
             if not self.data_wanted:
                 raise RuntimeError("the last BDAT chunk is not answered yet (no PIPELINING)")
-            if chunk:
-                # Each chunk is held back until the next one comes, so that
-                # the last one can carry LAST (rfc3030 2) without "BDAT 0 LAST".
-                if self._chunk:
-                    self._send_chunk(self._chunk, last=False)
-                self._chunk = chunk
-                self._tail = (self._tail + chunk)[-2:]
+            assert self._chunks is not None
+            # rfc3030 2: the writer holds each chunk back until the next one
+            # comes, so that the last can carry LAST; out comes the one before.
+            command = self._chunks.chunk(chunk)
+            if command:
+                self._out.append(command)
+                self._expect(ReplyDue.BDAT)
             return
         assert self._stuffer is not None
         stuffed = self._stuffer.stuff(chunk)
@@ -291,25 +212,17 @@ class ClientConnection:
         if self.chunking:
             if not self.data_wanted:
                 raise RuntimeError("the last BDAT chunk is not answered yet (no PIPELINING)")
-            chunk, self._chunk = self._chunk or b"", None
-            if self._tail not in (b"", b"\r\n"):
-                # As with DATA, data that does not end with CRLF gets one
-                # (rfc5321 4.1.1.4), so both ways deliver the same octets.
-                chunk += b"\r\n"
-            self._send_chunk(chunk, last=True)
+            assert self._chunks is not None
+            self._out.append(self._chunks.last())
+            self._chunks = None
+            self._expect(ReplyDue.END)
             self.state = State.DATA_END
             return
         assert self._stuffer is not None
         self._out.append(self._stuffer.end())
         self._stuffer = None
-        self._expect(_Tag.END)
+        self._expect(ReplyDue.END)
         self.state = State.DATA_END
-
-    def _send_chunk(self, chunk: bytes, last: bool) -> None:
-        """rfc3030 2: ``BDAT <size> [LAST]`` CRLF, then exactly that many octets."""
-        head = f"BDAT {len(chunk)} LAST\r\n" if last else f"BDAT {len(chunk)}\r\n"
-        self._out.append(head.encode("ascii") + chunk)
-        self._expect(_Tag.END if last else _Tag.BDAT)
 
     def start_tls(self) -> None:
         """Send STARTTLS (rfc3207 4); ``TLSReady`` or ``TLSRefused`` follows."""
@@ -317,7 +230,7 @@ class ClientConnection:
         if "STARTTLS" not in self.extensions or self.tls_active:
             # rfc3207 4.2: never a second TLS session; only when offered.
             raise RuntimeError("STARTTLS is not offered here")
-        self._send(_Tag.STARTTLS, b"STARTTLS\r\n")
+        self._send(ReplyDue.STARTTLS, b"STARTTLS\r\n")
         self.state = State.STARTTLS
 
     def tls_started(self) -> None:
@@ -328,22 +241,18 @@ class ClientConnection:
         self.tls_active = True
         self.extensions, self.extended = {}, False
         self._needs_reset = False
-        self._send_hello(_Tag.EHLO)
+        self._send_hello(ReplyDue.EHLO)
 
     def auth_plain(self, authcid: str, password: str, authzid: str = "") -> None:
         """AUTH PLAIN with an initial response (rfc4954 4, rfc4616 2);
         ``AuthSucceeded`` or ``AuthFailed`` follows. The caller makes sure
         the transport is encrypted: PLAIN carries the password."""
         self._require(State.READY)
-        if "PLAIN" not in self.extensions.get("AUTH", "").upper().split():
+        if not offers_auth(self.extensions, "PLAIN"):
             raise RuntimeError("AUTH PLAIN is not offered here")
-        fields = [authzid, authcid, password]
-        if any("\0" in f for f in fields) or not authcid or not password:
-            raise ValueError("AUTH PLAIN needs a user and a password without NUL")
-        message = "\0".join(fields).encode("utf-8")
-        response = base64.b64encode(message).decode("ascii") or "="
+        line = auth_plain_command(authcid, password, authzid)
         self._auth_answers.clear()
-        self._send(_Tag.AUTH, f"AUTH PLAIN {response}\r\n".encode("ascii"))
+        self._send(ReplyDue.AUTH, line)
         self.state = State.AUTH
 
     def auth_login(self, username: str, password: str) -> None:
@@ -352,35 +261,28 @@ class ClientConnection:
         ``AuthFailed`` follows. No initial response, which every server
         takes. The caller makes sure the transport is encrypted."""
         self._require(State.READY)
-        if "LOGIN" not in self.extensions.get("AUTH", "").upper().split():
+        if not offers_auth(self.extensions, "LOGIN"):
             raise RuntimeError("AUTH LOGIN is not offered here")
-        if not username or not password or any(c in f for f in (username, password) for c in "\0\r\n"):
-            raise ValueError("AUTH LOGIN needs a user and a password without NUL, CR or LF")
-        self._auth_answers = collections.deque(
-            base64.b64encode(text.encode("utf-8")) + b"\r\n" for text in (username, password)
-        )
-        self._send(_Tag.AUTH, b"AUTH LOGIN\r\n")
+        self._auth_answers = auth_login_answers(username, password)
+        self._send(ReplyDue.AUTH, b"AUTH LOGIN\r\n")
         self.state = State.AUTH
 
     def turn(self) -> None:
         """Send TURN (rfc821 4.1.1); ``Turned`` or ``TurnRefused`` follows."""
         self._require(State.READY)
-        self._send(_Tag.TURN, b"TURN\r\n")
+        self._send(ReplyDue.TURN, b"TURN\r\n")
         self.state = State.TURN
 
     def atrn(self, domains=()) -> None:
         """Send ATRN [domain,...] (rfc2645 5.2.1); ``Turned`` or ``TurnRefused`` follows."""
         self._require(State.READY)
-        names = [d.strip() for d in domains]
-        if any(not d or not d.isascii() or any(c in d for c in ", \r\n") for d in names):
-            raise ValueError(f"bad ATRN domain list: {domains!r}")
-        self._send(_Tag.TURN, ("ATRN " + ",".join(names) if names else "ATRN").encode("ascii") + b"\r\n")
+        self._send(ReplyDue.TURN, atrn_command(domains))
         self.state = State.TURN
 
     def quit(self) -> None:
         """Send QUIT (rfc5321 4.1.1.10); ``Closed`` follows."""
         self._require(State.READY, State.REFUSED)
-        self._send(_Tag.QUIT, b"QUIT\r\n")
+        self._send(ReplyDue.QUIT, b"QUIT\r\n")
         self.state = State.QUIT
 
     # ---------------------------------------------------------- internals
@@ -389,15 +291,15 @@ class ClientConnection:
         if self.state not in states:
             raise RuntimeError(f"not allowed in state {self.state.value}")
 
-    def _send(self, tag: _Tag, line: bytes) -> None:
+    def _send(self, tag: ReplyDue, line: bytes) -> None:
         self._out.append(line)
         self._expect(tag)
 
-    def _expect(self, tag: _Tag) -> None:
+    def _expect(self, tag: ReplyDue) -> None:
         self._due.append(tag)
 
-    def _send_hello(self, tag: _Tag) -> None:
-        self._send(tag, f"{tag.value} {self.settings.helo_name}\r\n".encode("ascii"))
+    def _send_hello(self, tag: ReplyDue) -> None:
+        self._send(tag, hello_command(tag.value, self.settings.helo_name))
         self.state = State.HELLO
 
     def _write_unsent(self) -> None:
@@ -407,43 +309,12 @@ class ClientConnection:
         while self._unsent and (pipelining or not self._due):
             tag, line = self._unsent.popleft()
             exchange = self._exchange
-            if tag is _Tag.DATA and not pipelining and exchange and not exchange.accepted:
+            if tag is ReplyDue.DATA and not pipelining and exchange and not exchange.accepted:
                 # No recipient: no DATA; the server keeps the sender, so RSET
                 # comes before the next MAIL (rfc5321 4.1.1.5).
                 self._finish(ev.MessageResult(NO_RECIPIENTS, ()))
                 return
             self._send(tag, line)
-
-    def _mail_parameters(self, tx: Transaction) -> tuple[dict, Reply | None]:
-        """MAIL's parameters for this server, or the reply refusing the message."""
-        params = self._offered(tx.mail_params)
-        if tx.size is not None and "SIZE" in self.extensions:
-            limit = self.max_size
-            if limit and tx.size > limit:
-                # rfc1870 6.2 (2): past the fixed maximum the message is undeliverable.
-                text = f"Message size {tx.size} exceeds the server's limit of {limit} octets"
-                return {}, Reply.of(552, "5.3.4", text)
-            params["SIZE"] = str(tx.size)  # rfc1870 6
-        if tx.body_8bit:
-            if "8BITMIME" not in self.extensions:
-                # rfc6152 3: no 8-bit content to a server without 8BITMIME;
-                # the caller downgrades or bounces.
-                return {}, Reply.of(554, "5.6.3", "The server does not offer 8BITMIME")
-            params["BODY"] = "8BITMIME"  # rfc6152 3
-        if tx.needs_smtputf8:
-            if "SMTPUTF8" not in self.extensions:
-                # rfc6531 3.5: nothing internationalized to a server without SMTPUTF8.
-                return {}, Reply.of(553, "5.6.7", "The server does not offer SMTPUTF8")
-            params["SMTPUTF8"] = None  # rfc6531 3.4
-        return params, None
-
-    def _offered(self, params: dict) -> dict:
-        """Only the parameters of extensions the server offers (rfc5321 4.1.1.3:
-        the client "MUST NOT transmit parameters other than those associated
-        with a service extension offered by the server")."""
-        if not params:
-            return {}
-        return {k: v for k, v in params.items() if PARAMETER_EXTENSION.get(k, k) in self.extensions}
 
     def _close(self, event: ev.ClientEvent) -> None:
         self._events.append(event)
@@ -451,12 +322,12 @@ class ClientConnection:
         self._due.clear()
         self._unsent.clear()
         self._parser.discard()
-        self._exchange = self._stuffer = self._chunk = None
+        self._exchange = self._stuffer = self._chunks = None
 
     def _finish(self, event: ev.ClientEvent) -> None:
         """The transaction is over: report it; the machine is ready again."""
         self._events.append(event)
-        self._exchange = self._chunk = None
+        self._exchange = self._chunks = None
         self._unsent.clear()
         self.state = State.READY
 
@@ -470,10 +341,10 @@ class ClientConnection:
                 self._close(ev.ProtocolError(f"reply when none was due: {reply}"))
             return
         tag = self._due.popleft()
-        if tag is _Tag.QUIT:
+        if tag is ReplyDue.QUIT:
             self._close(ev.Closed(reply))
             return
-        if reply.code == 421 and tag is not _Tag.GREETING:
+        if reply.code == 421 and tag is not ReplyDue.GREETING:
             self._close(ev.ConnectionFailed(reply))  # rfc5321 3.8
             return
         _REPLY_HANDLERS[tag](self, reply)
@@ -486,7 +357,7 @@ class ClientConnection:
     def _on_greeting(self, reply: Reply) -> None:
         digit = reply.code // 100
         if digit == 2:
-            self._send_hello(_Tag.EHLO)  # rfc5321 3.2: EHLO first
+            self._send_hello(ReplyDue.EHLO)  # rfc5321 3.2: EHLO first
         elif reply.code == 421:
             self._close(ev.GreetingRefused(reply))
         elif digit in (4, 5):
@@ -499,12 +370,12 @@ class ClientConnection:
     def _on_ehlo(self, reply: Reply) -> None:
         digit = reply.code // 100
         if digit == 2:
-            self.extensions = _extensions(reply)
+            self.extensions = extensions_from_ehlo(reply)
             self.extended = True
             self.state = State.READY
             self._events.append(ev.Ready(dict(self.extensions), True, reply))
         elif digit == 5:
-            self._send_hello(_Tag.HELO)  # rfc5321 3.2: fall back to HELO
+            self._send_hello(ReplyDue.HELO)  # rfc5321 3.2: fall back to HELO
         elif digit == 4:
             self.state = State.REFUSED
             self._events.append(ev.HelloRefused(reply))
@@ -546,7 +417,7 @@ class ClientConnection:
             # initial response, and a third LOGIN challenge is out of step:
             # cancel (rfc4954 4: "*" gets 501).
             answer = self._auth_answers.popleft() if self._auth_answers else b"*\r\n"
-            self._send(_Tag.AUTH, answer)
+            self._send(ReplyDue.AUTH, answer)
         elif digit in (4, 5):
             self.state = State.READY
             self._auth_answers.clear()
@@ -614,7 +485,7 @@ class ClientConnection:
             self._finish(ev.MessageResult(NO_RECIPIENTS, ()))
         else:
             self.state = State.DATA
-            self._chunk, self._tail = None, b""
+            self._chunks = ChunkWriter()
             self._events.append(ev.StartData(None))
 
     def _on_bdat(self, reply: Reply) -> None:
@@ -629,7 +500,7 @@ class ClientConnection:
                 # rfc3030 2: the transaction failed; no more chunks are sent.
                 # Those already pipelined are answered too, then it ends.
                 exchange.chunk_refusal = reply
-                self._chunk = None
+                self._chunks = None
                 if self.state is State.DATA:
                     self.state = State.DATA_END
         else:
@@ -650,7 +521,7 @@ class ClientConnection:
             # rfc2920 3.1: DATA accepted with no recipient: "the client SMTP
             # should send a single dot"; the server then sends nothing to
             # anybody (rfc2920 3.2 (4)).
-            self._send(_Tag.DOT, b".\r\n")
+            self._send(ReplyDue.DOT, b".\r\n")
         elif digit in (4, 5):
             # rfc2920 3.1: DATA "properly rejected": RSET before the next MAIL.
             self._finish(self._outcome(reply))
@@ -667,9 +538,7 @@ class ClientConnection:
     def _outcome(self, reply: Reply) -> ev.ClientEvent:
         exchange = self._exchange
         assert exchange is not None
-        if exchange.mail_refusal is not None:
-            return ev.TransactionFailed(exchange.mail_refusal)
-        return ev.MessageResult(reply, tuple(exchange.accepted))
+        return exchange.outcome(reply)
 
     def _on_end(self, reply: Reply) -> None:
         exchange = self._exchange
@@ -689,37 +558,18 @@ class ClientConnection:
 
 
 _REPLY_HANDLERS = {
-    _Tag.GREETING: ClientConnection._on_greeting,
-    _Tag.EHLO: ClientConnection._on_ehlo,
-    _Tag.HELO: ClientConnection._on_helo,
-    _Tag.STARTTLS: ClientConnection._on_starttls,
-    _Tag.AUTH: ClientConnection._on_auth,
-    _Tag.TURN: ClientConnection._on_turn,
-    _Tag.RSET: ClientConnection._on_rset,
-    _Tag.MAIL: ClientConnection._on_mail,
-    _Tag.RCPT: ClientConnection._on_rcpt,
-    _Tag.DATA: ClientConnection._on_data,
-    _Tag.DOT: ClientConnection._on_dot,
-    _Tag.END: ClientConnection._on_end,
-    _Tag.BDAT: ClientConnection._on_bdat,
+    ReplyDue.GREETING: ClientConnection._on_greeting,
+    ReplyDue.EHLO: ClientConnection._on_ehlo,
+    ReplyDue.HELO: ClientConnection._on_helo,
+    ReplyDue.STARTTLS: ClientConnection._on_starttls,
+    ReplyDue.AUTH: ClientConnection._on_auth,
+    ReplyDue.TURN: ClientConnection._on_turn,
+    ReplyDue.RSET: ClientConnection._on_rset,
+    ReplyDue.MAIL: ClientConnection._on_mail,
+    ReplyDue.RCPT: ClientConnection._on_rcpt,
+    ReplyDue.DATA: ClientConnection._on_data,
+    ReplyDue.DOT: ClientConnection._on_dot,
+    ReplyDue.END: ClientConnection._on_end,
+    ReplyDue.BDAT: ClientConnection._on_bdat,
 }
 
-
-def _command(head: str, params: dict) -> bytes:
-    """A command line with its ESMTP parameters (rfc5321 4.1.2 Mail-parameters)."""
-    if not params:
-        return (head + "\r\n").encode("utf-8")
-    parts = [head] + [key if value is None else f"{key}={value}" for key, value in params.items()]
-    return (" ".join(parts) + "\r\n").encode("utf-8")
-
-
-def _extensions(reply: Reply) -> dict[str, str]:
-    """EHLO keywords and their parameters (rfc5321 4.1.1.1: ehlo-line), from
-    every line but the first (the greeting). Lines that are not a keyword are
-    skipped; the first use of a keyword wins."""
-    found: dict[str, str] = {}
-    for line in reply.lines[1:]:
-        keyword, _, params = line.strip().partition(" ")
-        if ESMTP_KEYWORD.match(keyword):
-            found.setdefault(keyword.upper(), params.strip())
-    return found
