@@ -63,6 +63,7 @@ FIRST_DELAY = 1.0  # before starting a receiver that ended
 MAX_DELAY = 60.0  # the delay doubles while receivers die within YOUNG seconds
 YOUNG = 10.0
 STOP_TIMEOUT = 30.0  # SIGTERM, then SIGKILL after this long
+MAX_LINE = 64 * 1024  # octets of a receiver's log line held before it is logged as it is
 
 
 class Queued(amp.Command):
@@ -204,21 +205,25 @@ class _Receiver(protocol.ProcessProtocol):
         self.number = number
         self.started = owner.reactor.seconds()
         self.ended = defer.Deferred()
-        self._partial = b""
+        self._partial = {1: b"", 2: b""}  # an unfinished line, per stream
 
-    def errReceived(self, data: bytes) -> None:
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        # Log lines come on stderr (2); stdout (1) gets nothing but is logged too.
+        lines = (self._partial.get(fd, b"") + data).split(b"\n")
+        rest = lines.pop()
+        if len(rest) > MAX_LINE:  # bounded memory: a line this long is logged in pieces
+            lines.append(rest)
+            rest = b""
+        self._partial[fd] = rest
         for line in lines:
             if line:
                 log.observer(event_of_line(line, self.number))
 
-    outReceived = errReceived  # nothing is written there; if it is, it is logged
-
     def processEnded(self, reason) -> None:
-        if self._partial:
-            log.observer(event_of_line(self._partial, self.number))
-            self._partial = b""
+        for fd, rest in self._partial.items():
+            if rest:
+                log.observer(event_of_line(rest, self.number))
+                self._partial[fd] = b""
         self.owner.ended(self, reason)
         self.ended.callback(None)
 
@@ -295,12 +300,12 @@ class ReceiverProcesses(service.Service):
         self.children[number] = child
         log.info("receiver process {number} started, pid {pid}", number=number, pid=child.transport.pid)
 
-    def take(self, id: str, hop: str, message: bytes = b"") -> None:
-        """A receiver committed ``id`` for ``hop`` (``message``: ``pickled``):
-        submit it to the queue runner."""
+    def take(self, id: str, hop: str, pickled_message: bytes = b"") -> None:
+        """A receiver committed ``id`` for ``hop`` (``pickled_message``: from
+        ``pickled``, or b""): submit it to the queue runner."""
         try:
-            if message:
-                found = [(pickle.loads(message), False)]
+            if pickled_message:
+                found = [(pickle.loads(pickled_message), False)]
             else:
                 found = self.spool.find(id)
         except Exception as error:  # noqa: BLE001 - the runner's scan finds it later

@@ -108,3 +108,32 @@ def test_a_message_too_big_to_send_is_read_from_the_spool(tmp_path):
     assert len(runner.submitted[0].envelope.recipients) == 2000
     main.take("1j0aaaaaaaaaaaaaaaaa", "local", b"")  # gone meanwhile: nothing, no error
     assert len(runner.submitted) == 1
+
+
+def test_a_receivers_output_is_logged_by_lines_in_bounded_memory():
+    """Lines may come in pieces, on stdout or stderr; a line with no end is
+    logged once it passes MAX_LINE octets rather than held without bound."""
+    from twisted.logger import globalLogPublisher
+
+    from mailsvc.receiverprocesses import MAX_LINE, _Receiver
+
+    class Owner:
+        reactor = type("Clock", (), {"seconds": staticmethod(lambda: 0.0)})()
+
+    seen: list[dict] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        receiver = _Receiver(Owner(), 7)
+        event = emitted(lambda log: log.info("one {x}", x=1))
+        line = log_line(event, event_text(event))
+        receiver.childDataReceived(2, line[:10])
+        receiver.childDataReceived(1, b"stray")
+        receiver.childDataReceived(2, line[10:])
+        receiver.childDataReceived(1, b" text\n")
+        receiver.childDataReceived(2, b"x" * (MAX_LINE + 1))
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    texts = [classic_text(e).split(" ", 1)[1] for e in seen]
+    assert texts[:2] == ["[receiver 7 mailsvc.receiver#info] one 1\n",
+                         "[mailsvc.receiverprocesses#warn] receiver process 7: stray text\n"]
+    assert len(seen) == 3 and len(seen[2]["receiver_text"]) == MAX_LINE + 1
