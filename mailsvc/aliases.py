@@ -6,7 +6,10 @@ comment line. Only local members are supported: a user or alias name, or
 ``name@domain`` for a local domain; ``|command``, ``/file`` and
 ``:include:`` are refused. The users file holds one ``name`` or
 ``name: Full Name`` per line. Names are compared without regard to case
-(rfc5321 2.4 lets a host treat its local parts so), so they are lower-cased.
+(rfc5321 2.4 lets a host treat its local parts so), so they are lower-cased;
+a name may hold non-ASCII letters and digits (rfc6531 3.3, for SMTPUTF8),
+kept in Unicode normal form C (rfc6532 3.1) so that every spelling of
+"jörg" is one name.
 
 Errors are ``ConfigError`` whose text starts with ``line N:``; the caller
 adds which file and key it came from. Nothing here does I/O.
@@ -15,13 +18,16 @@ adds which file and key it came from. Nothing here does I/O.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Collection, Mapping
 
 from mailsvc.errors import ConfigError
 
 # A dot-atom local part (rfc5322 3.4.1) of safe characters, at most 64
 # octets (rfc5321 4.5.3.1.1): it is also a mailbox file name in the store.
-_NAME = re.compile(r"[a-z0-9_+-]+(?:\.[a-z0-9_+-]+)*\Z")
+# Non-ASCII letters and digits are safe too ([^\W_] less ASCII).
+_NAME_CHAR = r"(?:[a-z0-9_+-]|[^\W_\x00-\x7f])"
+_NAME = re.compile(rf"{_NAME_CHAR}+(?:\.{_NAME_CHAR}+)*\Z")
 _MAX_NAME = 64
 # Members are separated by commas or white space; a quoted string is one
 # member even with spaces in it (so '"|/bin/prog -x"' is seen whole, and refused).
@@ -29,8 +35,15 @@ _MEMBER = re.compile(r'"[^"]*"?|[^\s,]+')
 
 
 def isValidName(name: str) -> bool:
-    """Whether ``name`` (lower case) may be a user or alias name."""
-    return len(name) <= _MAX_NAME and _NAME.match(name) is not None
+    """Whether ``name`` (as ``normalName`` gives it) may be a user or alias name."""
+    return len(name.encode("utf-8", "surrogatepass")) <= _MAX_NAME and _NAME.match(name) is not None
+
+
+def normalName(name: str) -> str:
+    """``name`` as names are compared: lower case, and NFC when not ASCII."""
+    if name.isascii():
+        return name.lower()
+    return unicodedata.normalize("NFC", name).lower()
 
 
 def localMember(member: str, domains: Collection[str]) -> str:
@@ -51,7 +64,7 @@ def localMember(member: str, domains: Collection[str]) -> str:
         local = text
     elif domain.lower().rstrip(".") not in domains:
         raise ConfigError(f'"{member}": only local members are supported ({domain} is not a local domain)')
-    name = local.lower()
+    name = normalName(local)
     if not isValidName(name):
         raise ConfigError(f'"{member}": not a valid member name')
     return name
@@ -86,7 +99,7 @@ def parseAliases(text: str, domains: Collection[str]) -> dict[str, tuple[str, ..
         name, colon, value = line.partition(":")
         if not colon:
             raise ConfigError(f'line {number}: expected "name: member, member"')
-        name = name.strip().lower()
+        name = normalName(name.strip())
         if not isValidName(name):
             raise ConfigError(f'line {number}: not a valid alias name: "{name}"')
         if name in aliases:
@@ -116,7 +129,7 @@ def parseUsers(text: str) -> dict[str, str]:
         if not line or line.startswith("#"):
             continue
         name, _, fullName = line.partition(":")
-        name = name.strip().lower()
+        name = normalName(name.strip())
         if not isValidName(name):
             raise ConfigError(f'line {number}: not a valid user name: "{name}"')
         users[name] = fullName.strip()

@@ -274,6 +274,7 @@ def receiving_factory(cfg: configuration.Config, clock, submit):
         max_message_size=smtp.max_message_size,
         max_recipients=smtp.max_recipients,
         max_errors=smtp.max_errors,
+        smtputf8=smtp.smtputf8,
     )
     return CalledInServerFactory(
         context, settings, clock, command_timeout=smtp.command_timeout, data_timeout=smtp.data_timeout

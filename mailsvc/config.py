@@ -66,6 +66,7 @@ class SMTPConfig:
     auth: bool = False  # rfc4954 on the MX listeners too (submission always has it)
     max_connections_per_client: int = 20  # 0 = no limit
     max_errors: int = 10  # bad commands before 421 and close; 0 = no limit
+    smtputf8: bool = True  # rfc6531 on every SMTP listener
 
 
 @dataclass(frozen=True)
@@ -265,6 +266,7 @@ def _readSMTP(t: Table) -> SMTPConfig:
         auth=t.boolean("auth", default.auth),
         max_connections_per_client=t.integer("max_connections_per_client", default.max_connections_per_client, minimum=0),
         max_errors=t.integer("max_errors", default.max_errors, minimum=0),
+        smtputf8=t.boolean("smtputf8", default.smtputf8),
     )
 
 
@@ -281,9 +283,9 @@ def _readLocal(t: Table, base: Path) -> LocalConfig:
 
     users: dict[str, str] = {}
     for index, name in enumerate(t.strings("users", ["alice", "bob"])):
-        if not aliasfiles.isValidName(name.lower()):
+        if not aliasfiles.isValidName(aliasfiles.normalName(name)):
             t.fail(f"users[{index}]", f"not a valid user name: {show(name)}")
-        users[name.lower()] = ""
+        users[aliasfiles.normalName(name)] = ""
     if "users_file" in t.data:
         usersPath, text = t.text("users_file", base)
         try:
@@ -323,7 +325,7 @@ def _readAliasTable(t: Table, domains: dict[str, None]) -> dict[str, tuple[str, 
         t.fail("aliases", f"expected a table of name = [members], got {show(table)}")
     aliases: dict[str, tuple[str, ...]] = {}
     for key, value in table.items():
-        name = key.lower()
+        name = aliasfiles.normalName(key)
         if not aliasfiles.isValidName(name):
             t.fail(f"aliases.{key}", "not a valid alias name")
         if name in aliases:

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 from mailsvc.errors import ConfigError
+from mailsvc.smtp.address import AddressError, ascii_domain
 
 # rfc1035 2.3.1 / rfc1123 2.1: letters, digits, hyphens; labels of at most
 # 63 octets, at most 253 in all (without the trailing dot).
@@ -22,9 +23,16 @@ _NO_REACTOR = object()  # parsing an endpoint string only stores the reactor
 
 
 def checkDomain(name: str) -> str | None:
-    """``name`` lower-cased without a trailing dot if it is a sane domain name, else None."""
+    """``name`` lower-cased without a trailing dot if it is a sane domain name, else None.
+    An internationalized name is given in A-labels (rfc5890), the form
+    domains are compared in (``mailsvc.smtp.address.ascii_domain``)."""
     if not isinstance(name, str):
         return None
+    if not name.isascii():
+        try:
+            name = ascii_domain(name)
+        except AddressError:
+            return None
     domain = name.lower().removesuffix(".")
     if len(domain) > 253 or not _DOMAIN.match(domain):
         return None

@@ -2,7 +2,9 @@
 
 Answers are computed from ``mailsvc.config.LocalConfig`` alone, in memory,
 and returned directly (no Deferred). Local parts match without regard to
-case; every user receives mail at every local domain.
+case (and, when not ASCII, to Unicode normal form); domains match in their
+A-label form, so ``bücher.example`` is ``xn--bcher-kva.example`` (rfc6531
+3.2); every user receives mail at every local domain.
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ from __future__ import annotations
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from mailsvc.aliases import expandAlias
+from mailsvc.aliases import expandAlias, normalName
 from mailsvc.envelope import LocalMailbox
 from mailsvc.interfaces import IRecipientDirectory, IRecipientDirectoryFactory
+from mailsvc.smtp.address import AddressError, ascii_domain
 
 POSTMASTER = "postmaster"
 
@@ -36,8 +39,9 @@ class ConfigDirectory:
         self._resolved: dict[tuple[str, str], tuple[LocalMailbox, ...]] = {}
 
     def isLocalDomain(self, domain: str) -> bool:
-        """Whether ``domain`` is local; case and a trailing dot do not matter."""
-        return domain.lower().removesuffix(".") in self.domains
+        """Whether ``domain`` is local; case, a trailing dot and U-labels or
+        A-labels do not matter."""
+        return _domain_key(domain) in self.domains
 
     def _split(self, address: str) -> tuple[str, str] | None:
         """(local part lower-cased, local domain) of ``address``, or None if not local.
@@ -50,10 +54,10 @@ class ConfigDirectory:
             local, domain = address, self.domains[0] if self.domains else ""
             if local.lower() != POSTMASTER:
                 return None
-        domain = domain.lower().removesuffix(".")
+        domain = _domain_key(domain)
         if not local or domain not in self.domains:
             return None
-        return local.lower(), domain
+        return normalName(local), domain
 
     def resolve(self, address: str) -> tuple[LocalMailbox, ...]:
         """The final mailboxes of ``address``: aliases expanded, no repeats; ``()`` if unknown."""
@@ -78,6 +82,17 @@ class ConfigDirectory:
             return None
         local, domain = split
         return tuple(f"{member}@{domain}" for member in self.aliases[local])
+
+
+def _domain_key(domain: str) -> str:
+    """``domain`` as the config holds local domains (``checkDomain``): lower
+    case, no trailing dot, A-labels; ``""`` for a name that is no IDN."""
+    if domain.isascii():
+        return domain.lower().removesuffix(".")
+    try:
+        return ascii_domain(domain)
+    except AddressError:
+        return ""
 
 
 @implementer(IPlugin, IRecipientDirectoryFactory)

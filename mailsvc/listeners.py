@@ -167,6 +167,7 @@ def smtp_listeners(cfg: configuration.Config, reactor, context: ReceiverContext,
         max_errors=smtp.max_errors,
         etrn=turnaround is not None,  # rfc1985, on the MX listeners
         chunking=True,  # rfc3030 BDAT, on the MX and submission listeners
+        smtputf8=smtp.smtputf8,  # rfc6531, on every listener
     )
     common = dict(
         clock=reactor,

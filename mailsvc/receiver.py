@@ -36,8 +36,8 @@ from mailsvc.envelope import Envelope, LocalMailbox, Recipient
 from mailsvc.errors import SpoolError
 from mailsvc.policy import SessionInfo, ask
 from mailsvc.smtp import events as ev
-from mailsvc.smtp import xtext
 from mailsvc.smtp.address import AddressError, check_mailbox
+from mailsvc.smtp.parameters import original_recipient
 from mailsvc.smtp.replies import Reply
 from mailsvc.submission import HeaderScanner, missing_headers, protocol_name
 
@@ -231,8 +231,8 @@ class ReceivingSession:
         """RCPT TO: a local recipient, a relay by a trusted client, or a refusal."""
         try:
             orcpt = event.parameters.get("ORCPT")
-            # rfc3461 4.2: ORCPT is the address the sender originally used.
-            original = xtext.decode(orcpt.partition(";")[2]) if orcpt else event.recipient
+            # rfc3461 4.2 (rfc6533 3 for utf-8;): the address the sender originally used.
+            original = original_recipient(orcpt) if orcpt else event.recipient
             found = router.find_recipients(self.context.directory, event.recipient, original)
             recipients = _now(found)
             if recipients is _PENDING:
@@ -379,7 +379,7 @@ class ReceivingSession:
     def _envelope(self, txn: _Transaction, message_id: str) -> Envelope:
         now = self.context.now()
         info = self.info
-        protocol = protocol_name(info.extended, info.tls, info.user is not None)
+        protocol = protocol_name(info.extended, info.tls, info.user is not None, "SMTPUTF8" in txn.parameters)
         headers = [received_header(self.context.settings.hostname, info, protocol, message_id, txn.recipients, now)]
         if txn.headers is not None:
             txn.headers.finish()
@@ -414,9 +414,11 @@ class ReceivingSession:
         mailboxes = yield defer.maybeDeferred(self.context.directory.resolve, address)
         if not mailboxes:
             return Reply.of(550, "5.1.1", f"<{address}>: no such user here")
-        if len(mailboxes) == 1:
-            return Reply.of(250, "2.1.5", _mailbox_text(mailboxes[0]))
-        return Reply.of(250, "2.1.5", f"<{address}>")  # a list: it receives mail
+        text = _mailbox_text(mailboxes[0], event.utf8) if len(mailboxes) == 1 else f"<{address}>"  # a list receives mail
+        if not (event.utf8 or text.isascii()):
+            # rfc6531 3.7.4.2: 252 (or 550) X.6.8 when only UTF-8 can show the mailbox.
+            return Reply.of(252, "2.6.8", "The mailbox needs UTF-8 to be shown: VRFY ... SMTPUTF8; mail to it is accepted")
+        return Reply.of(250, "2.1.5", text, utf8=event.utf8)
 
     @defer.inlineCallbacks
     def on_expand(self, event: ev.Expand):
@@ -429,7 +431,10 @@ class ReceivingSession:
         members = yield defer.maybeDeferred(self.context.directory.expand, address)
         if not members:
             return Reply.of(550, "5.1.1", f"<{address}>: not a mailing list")
-        return Reply.of(250, "2.1.5", *(f"<{member}>" for member in members))
+        if not (event.utf8 or all(member.isascii() for member in members)):
+            # rfc6531 3.7.4.2: 550 X.6.8 when only UTF-8 can show the members.
+            return Reply.of(550, "5.6.8", "Members need UTF-8 to be shown: EXPN ... SMTPUTF8")
+        return Reply.of(250, "2.1.5", *(f"<{member}>" for member in members), utf8=event.utf8)
 
     def on_turn(self, event: ev.Turn) -> Reply:
         """TURN (rfc821 4.1.1): not offered until authenticated turn-around exists."""
@@ -448,7 +453,7 @@ class ReceivingSession:
                 return None
             text = f"{text}@{domain}"
         try:
-            check_mailbox(text)
+            check_mailbox(text, utf8=True)  # rfc6531 3.7.4.2: the string may be UTF-8
         except AddressError:
             return None
         domain = text.rpartition("@")[2].lower()
@@ -474,8 +479,11 @@ def _date(seconds: int) -> str:
     return format_datetime(datetime.fromtimestamp(seconds, timezone.utc))
 
 
-def _mailbox_text(mailbox: LocalMailbox) -> str:
-    return f"{mailbox.full_name} <{mailbox.address}>" if mailbox.full_name else f"<{mailbox.address}>"
+def _mailbox_text(mailbox: LocalMailbox, utf8: bool) -> str:
+    """rfc6531 3.7.4.2: ``User Name <Mailbox>`` or ``<Mailbox>``; a full name
+    that is not ASCII is left out when UTF-8 may not be shown."""
+    name = mailbox.full_name if utf8 or mailbox.full_name.isascii() else ""
+    return f"{name} <{mailbox.address}>" if name else f"<{mailbox.address}>"
 
 
 def _refusal(verdict) -> Reply | None:

@@ -479,6 +479,7 @@ def build(cfg: configuration.Config) -> tuple[ReceiverContext, ServerSettings]:
         hostname=cfg.server.hostname,
         max_message_size=smtp.max_message_size,
         max_recipients=smtp.max_recipients,
+        smtputf8=smtp.smtputf8,  # rfc6531: batches may carry MAIL ... SMTPUTF8
     )
     return context, settings
 

@@ -245,7 +245,7 @@ def parse_addresses(texts: Iterable[str]) -> list[str]:
             continue  # an empty group such as "undisclosed-recipients:;"
         if "@" in address:
             try:
-                check_mailbox(address)
+                check_mailbox(address, utf8=True)  # rfc6531 3.3: UTF-8 addresses are queued with SMTPUTF8
             except AddressError as e:
                 raise InputError(f"bad address <{address}>: {e}") from None
         elif not re.fullmatch(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+", address):
@@ -334,7 +334,9 @@ def queue_message(
 
     ``sender`` is the envelope sender (``""`` for ``<>``), ``from_address``
     the address for a missing From. The envelope gets a ``Received:`` trace
-    line and, if the data has 8-bit octets, ``BODY=8BITMIME`` (rfc6152).
+    line and, if the data has 8-bit octets, ``BODY=8BITMIME`` (rfc6152);
+    ``SMTPUTF8`` (rfc6531 3.4) if an address or a header line is not ASCII,
+    as Postfix's sendmail detects it.
 
     :return: the ``QueuedMessage`` per hop.
     :raise InputError: the body was refused while read; nothing is queued.
@@ -355,10 +357,14 @@ def queue_message(
                 writer.write(bytes(chunk))
                 chunk.clear()
         writer.write(bytes(chunk))
+        parameters = [("BODY", "8BITMIME")] if eight_bit else []
+        addresses = [sender, *(r.address for r in recipients)]
+        if not all(a.isascii() for a in addresses) or not all(line.isascii() for line in lines):
+            parameters.append(("SMTPUTF8", ""))
         envelope = Envelope(
             sender=sender,
             recipients=tuple(recipients),
-            parameters=(("BODY", "8BITMIME"),) if eight_bit else (),
+            parameters=tuple(parameters),
             protocol="local",
             received_at=now,
             prepend_headers=(received_header(login, hostname, writer.id, now),),

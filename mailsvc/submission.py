@@ -106,8 +106,10 @@ def missing_headers(scanner: HeaderScanner, hostname: str, queue_id: str, now: f
     return tuple(added)
 
 
-def protocol_name(extended: bool, tls: bool, authenticated: bool) -> str:
-    """rfc3848 2: ``with`` SMTP, ESMTP, ESMTPS (TLS), ESMTPA (AUTH), ESMTPSA (both)."""
+def protocol_name(extended: bool, tls: bool, authenticated: bool, smtputf8: bool = False) -> str:
+    """rfc3848 2: ``with`` SMTP, ESMTP, ESMTPS (TLS), ESMTPA (AUTH), ESMTPSA
+    (both); rfc6531 4.3: UTF8SMTP, UTF8SMTPS, UTF8SMTPA, UTF8SMTPSA for a
+    transaction with SMTPUTF8."""
     if not extended:
         return "SMTP"
-    return "ESMTP" + ("S" if tls else "") + ("A" if authenticated else "")
+    return ("UTF8SMTP" if smtputf8 else "ESMTP") + ("S" if tls else "") + ("A" if authenticated else "")

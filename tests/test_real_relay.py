@@ -627,3 +627,42 @@ def test_postfix_both_ways(start_server, postfix):
     assert b"by postfix.pf.test (Postfix)" in data
     # Postfix adds its Received: line; nothing else of the message changes.
     assert body_of_delivered(path) == back
+
+
+def test_postfix_both_ways_with_smtputf8(start_server, postfix):
+    """SMTPUTF8 (rfc6531) between mailsvc and a real Postfix: jörg at
+    mailsvc writes to Postfix, which takes MAIL ... SMTPUTF8 from mailsvc's
+    relay; Postfix relays a message for jörg back, which mailsvc takes with
+    SMTPUTF8 and delivers into his Maildir. UTF-8 headers arrive unchanged."""
+    joerg = "j\u00f6rg"
+    a = start_server("a", sections={**relay_sections(), "local": {"users": ["alice", "bob", joerg]}})
+    pf = postfix(a.port)
+    a.sections["relay"] = {"route": [route("pf.test", pf.port)]}
+    a.restart()
+    subject = "Subject: Gr\u00fc\u00dfe \u2603\r\n".encode()
+
+    message = subject + f"From: {joerg}@example.test\r\nTo: sink@pf.test\r\n\r\nHall\u00f6\r\n".encode()
+    with smtplib.SMTP("127.0.0.1", a.port, timeout=10) as client:
+        client.ehlo("client.test")
+        assert not client.sendmail(f"{joerg}@example.test", ["sink@pf.test"], message, mail_options=["SMTPUTF8"])
+    [path] = wait_for(pf.maildir, 20, "the message in Postfix's Maildir", details=lambda: pf.tail() + "\n" + a.tail())
+    data = path.read_bytes()
+    assert f"Return-Path: <{joerg}@example.test>".encode() in data
+    assert subject.replace(b"\r\n", b"\n") in data
+    assert " with UTF8SMTP".encode() in data  # Postfix's Received: line says it came with SMTPUTF8
+    a.wait_idle(timeout=10)
+
+    back = subject + (
+        f"From: sink@pf.test\r\nTo: {joerg}@example.test\r\nMessage-ID: <utf8@pf.test>\r\n"
+        "Date: Mon, 21 Sep 2026 12:00:00 +0000\r\n\r\nzur\u00fcck\r\n"
+    ).encode()
+    with smtplib.SMTP("127.0.0.1", pf.port, timeout=10) as client:
+        client.ehlo("client.test")
+        assert not client.sendmail("sink@pf.test", [f"{joerg}@example.test"], back, mail_options=["SMTPUTF8"])
+    [path] = wait_for(lambda: a.maildir(joerg), 20, "the message from Postfix in jörg's Maildir",
+                      details=lambda: pf.tail() + "\n" + a.tail())
+    data = path.read_bytes()
+    assert b"by postfix.pf.test (Postfix)" in data
+    assert b"by mx.test (mailsvc) with UTF8SMTP id " in data
+    assert f"Delivered-To: {joerg}@example.test\n".encode() in data
+    assert body_of_delivered(path) == back

@@ -219,15 +219,44 @@ def test_queue_message_writes_crlf_and_trace(tmp_path):
     assert b"Bcc" not in data and b"\n" not in data.replace(b"\r\n", b"")
 
 
-def test_queue_message_marks_8bit(tmp_path):
-    """8-bit octets in the data give BODY=8BITMIME (rfc6152)."""
-    lines = sendmail.read_lines(io.BytesIO("Subject: é\n\nçà\n".encode()))
+def queued_parameters(tmp_path, data: str, recipient: str = "x@far.example", sender: str = "a@b.test"):
+    lines = sendmail.read_lines(io.BytesIO(data.encode()))
     [message] = sendmail.queue_message(
-        FileSpool(tmp_path), sendmail.read_header(lines), lines, [Recipient("x@far.example")],
-        sender="a@b.test", from_address="a@b.test", full_name="", login="a", hostname="mx.test", now=T,
+        FileSpool(tmp_path), sendmail.read_header(lines), lines, [Recipient(recipient)],
+        sender=sender, from_address="a@b.test", full_name="", login="a", hostname="mx.test", now=T,
     )
     assert message.hop == "relay"
-    assert message.envelope.parameters == (("BODY", "8BITMIME"),)
+    return message.envelope.parameters
+
+
+def test_queue_message_marks_8bit(tmp_path):
+    """8-bit octets in the body give BODY=8BITMIME (rfc6152)."""
+    assert queued_parameters(tmp_path, "Subject: s\n\nçà\n") == (("BODY", "8BITMIME"),)
+
+
+@pytest.mark.parametrize(
+    "data, recipient, sender, body",
+    [
+        ("Subject: é\n\nhi\n", "x@far.example", "a@b.test", (("BODY", "8BITMIME"),)),  # a UTF-8 header (rfc6532)
+        ("Subject: s\n\nhi\n", "jörg@far.example", "a@b.test", ()),
+        ("Subject: s\n\nhi\n", "x@bücher.example", "a@b.test", ()),
+        ("Subject: s\n\nhi\n", "x@far.example", "zoë@b.test", ()),
+    ],
+)
+def test_queue_message_marks_smtputf8(tmp_path, data, recipient, sender, body):
+    """A UTF-8 address or header gives SMTPUTF8 (rfc6531 3.4), as Postfix's
+    sendmail detects it; 8-bit data gives BODY=8BITMIME besides."""
+    assert queued_parameters(tmp_path, data, recipient, sender) == (*body, ("SMTPUTF8", ""))
+
+
+def test_ascii_message_has_no_smtputf8(tmp_path):
+    assert queued_parameters(tmp_path, "Subject: s\n\nhi\n") == ()
+
+
+def test_parse_addresses_takes_utf8_and_refuses_bad_ones():
+    assert sendmail.parse_addresses(["Jörg <jörg@bücher.example>"]) == ["jörg@bücher.example"]
+    with pytest.raises(sendmail.InputError):
+        sendmail.parse_addresses(["jörg@bü_cher.example"])
 
 
 def test_bad_body_queues_nothing(tmp_path):

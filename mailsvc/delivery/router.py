@@ -14,6 +14,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from mailsvc.envelope import Recipient
+from mailsvc.smtp.address import AddressError, ascii_domain
 
 LOCAL = "local"
 RELAY = "relay"
@@ -40,8 +41,13 @@ class Router:
         """The spool hop of ``recipient``."""
         if recipient.mailbox:
             return LOCAL
-        domain = recipient.address.rpartition("@")[2].lower().rstrip(".")
-        return self.domain_hops.get(domain, RELAY)
+        domain = recipient.address.rpartition("@")[2]
+        if not domain.isascii():
+            try:
+                domain = ascii_domain(domain)  # configured domains are A-labels (rfc6531 3.2)
+            except AddressError:
+                return RELAY
+        return self.domain_hops.get(domain.lower().rstrip("."), RELAY)
 
     def routes(self, recipients: Iterable[Recipient]) -> dict[str, tuple[Recipient, ...]]:
         """Group recipients by hop, keeping their order."""

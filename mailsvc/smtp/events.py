@@ -90,16 +90,21 @@ class Reset(Event):
 
 @dataclass(frozen=True)
 class Verify(Decision):
-    """VRFY ``argument`` (rfc5321 3.5.1); no default answer: reply."""
+    """VRFY ``argument`` (rfc5321 3.5.1); no default answer: reply.
+    ``utf8``: the client gave SMTPUTF8, so the reply may show a UTF-8
+    mailbox (rfc6531 3.7.4.2)."""
 
     argument: str
+    utf8: bool = False
 
 
 @dataclass(frozen=True)
 class Expand(Decision):
-    """EXPN ``argument`` (rfc5321 3.5.2); no default answer: reply."""
+    """EXPN ``argument`` (rfc5321 3.5.2); no default answer: reply.
+    ``utf8`` as for ``Verify``."""
 
     argument: str
+    utf8: bool = False
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,15 @@ from mailsvc.smtp.replies import Reply
 _TOPICS = {
     "HELO": ["HELO <hostname>: identify yourself (rfc5321 4.1.1.1)."],
     "EHLO": ["EHLO <hostname>: identify yourself and list the extensions (rfc5321 4.1.1.1)."],
-    "MAIL": ["MAIL FROM:<sender> [SIZE=n] [BODY=7BIT|8BITMIME]: start a transaction (rfc5321 4.1.1.2)."],
+    "MAIL": [
+        "MAIL FROM:<sender> [SIZE=n] [BODY=7BIT|8BITMIME] [SMTPUTF8]: start a transaction (rfc5321 4.1.1.2).",
+        "SMTPUTF8 (rfc6531) lets the addresses and headers of this message use UTF-8.",
+    ],
     "RCPT": ["RCPT TO:<recipient>: add a recipient (rfc5321 4.1.1.3)."],
     "DATA": ["DATA: send the message, end it with a line holding only '.' (rfc5321 4.1.1.4)."],
     "RSET": ["RSET: abort the transaction (rfc5321 4.1.1.5)."],
-    "VRFY": ["VRFY <user>: ask whether a user or mailbox exists (rfc5321 4.1.1.6)."],
-    "EXPN": ["EXPN <list>: ask for the members of a mailing list (rfc5321 4.1.1.7)."],
+    "VRFY": ["VRFY <user> [SMTPUTF8]: ask whether a user or mailbox exists (rfc5321 4.1.1.6; rfc6531 3.7.4.2)."],
+    "EXPN": ["EXPN <list> [SMTPUTF8]: ask for the members of a mailing list (rfc5321 4.1.1.7; rfc6531 3.7.4.2)."],
     "HELP": ["HELP [command]: this text (rfc5321 4.1.1.8)."],
     "NOOP": ["NOOP [anything]: do nothing, answer 250 (rfc5321 4.1.1.9)."],
     "QUIT": ["QUIT: close the session (rfc5321 4.1.1.10)."],

@@ -22,9 +22,12 @@ def _syntax(text: str, code: int = 501) -> Reply:
     return Reply.of(code, SYNTAX, text)
 
 
-def check_mail_parameters(parameters: dict, *, extended: bool, max_size: int, auth: bool) -> Reply | None:
-    """SIZE (rfc1870), BODY (rfc6152), RET/ENVID (rfc3461) and, when AUTH is
-    offered (``auth``), AUTH= (rfc4954 5); anything else is 555."""
+def check_mail_parameters(
+    parameters: dict, *, extended: bool, max_size: int, auth: bool, smtputf8: bool = False
+) -> Reply | None:
+    """SIZE (rfc1870), BODY (rfc6152), RET/ENVID (rfc3461) and, when offered,
+    AUTH= (``auth``, rfc4954 5) and SMTPUTF8 (``smtputf8``, rfc6531 3.4);
+    anything else is 555."""
     if parameters and not extended:
         # rfc5321 4.1.1.11 / rfc1869 4.4: parameters need EHLO.
         return _syntax("MAIL parameters need EHLO", 555)
@@ -46,6 +49,9 @@ def check_mail_parameters(parameters: dict, *, extended: bool, max_size: int, au
             if value is None or value.upper() not in BODY_VALUES:
                 return _syntax("BODY must be 7BIT or 8BITMIME")
             parameters[key] = value.upper()
+        elif key == "SMTPUTF8" and smtputf8:
+            if value is not None:
+                return _syntax("SMTPUTF8 takes no value")  # rfc6531 3.4
         elif key == "AUTH" and auth:
             # rfc4954 5: AUTH=<> or an xtext-encoded mailbox.
             if value != "<>" and not _auth_mailbox(value):
@@ -77,8 +83,21 @@ def check_rcpt_parameters(parameters: dict, *, extended: bool) -> Reply | None:
             parameters[key] = ",".join(words)
         elif key == "ORCPT":
             kind, semi, address = (value or "").partition(";")
-            if not semi or not kind or len(value) > MAX_ORCPT or not xtext.is_xtext(address):
+            if kind.lower() == "utf-8":
+                # rfc6533 3: utf-8-addr-xtext, or -unitext once SMTPUTF8 is in use.
+                if len(value.encode()) > MAX_ORCPT or not xtext.is_utf8_address(address):
+                    return _syntax("ORCPT=utf-8; must be followed by an address, non-ASCII as \\x{HEX}")
+            elif not semi or not kind or len(value) > MAX_ORCPT or not xtext.is_xtext(address):
                 return _syntax("ORCPT must be addr-type;xtext, as rfc822;user@domain")
         else:
             return _syntax(f"Unsupported RCPT parameter: {key}", 555)
     return None
+
+
+def original_recipient(orcpt: str) -> str:
+    """The address an ORCPT value (already checked) names: rfc3461 4.2's
+    xtext, or rfc6533 3's utf-8 forms for ``utf-8;``."""
+    kind, _, address = orcpt.partition(";")
+    if kind.lower() == "utf-8":
+        return xtext.decode_utf8_address(address)
+    return xtext.decode(address)

@@ -13,11 +13,17 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Reply:
-    """One SMTP reply. ``enhanced`` is ``""`` where rfc2034 3 leaves it out."""
+    """One SMTP reply. ``enhanced`` is ``""`` where rfc2034 3 leaves it out.
+
+    ``utf8`` lets UTF-8 text go on the wire as it is; otherwise non-ASCII
+    characters are sent as ``\\x{HEX}`` (``shown``): rfc6531 3.7.4.2 allows
+    UTF-8 in replies only where the client asked for it (VRFY/EXPN SMTPUTF8).
+    """
 
     code: int
     enhanced: str
     lines: tuple[str, ...]
+    utf8: bool = False
 
     def __post_init__(self) -> None:
         if not 200 <= self.code <= 599:
@@ -30,9 +36,9 @@ class Reply:
                 raise ValueError("reply text may not contain CR or LF")
 
     @classmethod
-    def of(cls, code: int, enhanced: str, *lines: str) -> "Reply":
+    def of(cls, code: int, enhanced: str, *lines: str, utf8: bool = False) -> "Reply":
         """A reply from a code, an enhanced code and one or more text lines."""
-        return cls(code, enhanced, tuple(lines) or ("",))
+        return cls(code, enhanced, tuple(lines) or ("",), utf8)
 
     @property
     def positive(self) -> bool:
@@ -58,6 +64,8 @@ class Reply:
         last = len(self.lines) - 1
         for index, line in enumerate(self.lines):
             sep = " " if index == last else "-"
+            if not (self.utf8 or line.isascii()):
+                line = shown(line)
             text = f"{self.enhanced} {line}" if self.enhanced else line
             line_out = f"{self.code}{sep}{text}"
             # rfc4954 4: an empty AUTH challenge is "334 ", the space kept.
@@ -67,6 +75,16 @@ class Reply:
     def __str__(self) -> str:
         text = " / ".join(self.lines)
         return f"{self.code} {self.enhanced} {text}" if self.enhanced else f"{self.code} {text}"
+
+
+def shown(text: str) -> str:
+    """``text`` fit for a reply: non-ASCII characters as ``\\x{HEX}``
+    (rfc6533 3's EmbeddedUnicodeChar). rfc6531 3.7.4.2: no UTF-8 in replies
+    but a few (VRFY/EXPN with SMTPUTF8); the address stays recognisable."""
+    if text.isascii():
+        return text
+    return "".join(c if c.isascii() else f"\\x{{{ord(c):X}}}" for c in text)
+
 
 
 # Replies that do not depend on the session. rfc5321 4.2.2, 4.2.3; rfc3463 / rfc5248.

@@ -59,6 +59,7 @@ from mailsvc.smtp.sasl import PLAINTEXT_MECHANISMS
 from mailsvc.smtp.server_commands import CommandParser
 from mailsvc.smtp.server_state import (  # noqa: F401 (re-exported: the machine's public names)
     AUTH_PARAMETER_ROOM,
+    SMTPUTF8_PARAMETER_ROOM,
     AUTH_REQUIRED,
     ERROR_CODES,
     MAX_AUTH_LINE,
@@ -92,6 +93,7 @@ class ServerConnection(CommandParser):
         self._reader: DataReader | None = None
         self._accepted = 0  # recipients accepted in this transaction
         self._attempted = 0  # RCPT commands that passed syntax
+        self.smtputf8_transaction = False  # MAIL had SMTPUTF8 (rfc6531 3.4)
         # BDAT (rfc3030): the transaction's reader; the octets of the current
         # chunk still to read (None: not inside a chunk), whether it is the
         # last; the refusal to send once a chunk is read and discarded; the
@@ -301,9 +303,12 @@ class ServerConnection(CommandParser):
                 self.close(TOO_MANY_ERRORS)
 
     def _command_limit(self) -> int:
+        limit = MAX_COMMAND_LINE
         if self.settings.auth_mechanisms:
-            return MAX_COMMAND_LINE + AUTH_PARAMETER_ROOM
-        return MAX_COMMAND_LINE
+            limit += AUTH_PARAMETER_ROOM
+        if self.settings.smtputf8:
+            limit += SMTPUTF8_PARAMETER_ROOM
+        return limit
 
     def _hand_out(self, event: ev.Event) -> ev.Event:
         if event.needs_reply:
@@ -325,6 +330,7 @@ class ServerConnection(CommandParser):
     def _reset_transaction(self) -> None:
         """rfc5321 4.1.1.5: forget sender, recipients and data."""
         self._accepted = self._attempted = 0
+        self.smtputf8_transaction = False
         self._reader = None
         self._chunks = self._bdat_failed = None
         if self.state in (State.MAIL, State.DATA, State.BDAT):
@@ -340,6 +346,8 @@ class ServerConnection(CommandParser):
             self.hello_name, self.extended = decision.name, decision.extended
         elif isinstance(decision, ev.MailFrom) and positive:
             self.state = State.MAIL
+            # rfc6531 3.4: the transaction may use UTF-8 addresses.
+            self.smtputf8_transaction = "SMTPUTF8" in decision.parameters
         elif isinstance(decision, ev.RcptTo) and positive:
             self._accepted += 1
         elif isinstance(decision, ev.DataCommand) and positive:

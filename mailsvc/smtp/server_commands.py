@@ -95,7 +95,8 @@ class CommandParser:
         keywords = [
             "PIPELINING",  # rfc2920
             f"SIZE {size}" if size else "SIZE",  # rfc1870
-            "8BITMIME",  # rfc6152
+            "8BITMIME",  # rfc6152 (rfc6531 3.1 (8): needed by SMTPUTF8)
+            *(["SMTPUTF8"] if self.settings.smtputf8 else []),  # rfc6531 3.1
             "ENHANCEDSTATUSCODES",  # rfc2034
             "DSN",  # rfc3461
             *(["CHUNKING"] if self.settings.chunking else []),  # rfc3030
@@ -115,26 +116,33 @@ class CommandParser:
         if self.state in (State.MAIL, State.BDAT):
             self._send(Reply.of(503, BAD_SEQUENCE, "Sender already given; RSET first"))
             return None
+        utf8 = self.settings.smtputf8
         try:
-            path = parse_path_argument(argument, "FROM", null_allowed=True, postmaster_allowed=False)
+            path = parse_path_argument(argument, "FROM", null_allowed=True, postmaster_allowed=False, utf8=utf8)
         except AddressError as error:
-            self._address_error(error, "5.1.7")  # rfc3463: bad sender address syntax
+            self._address_error(error, "5.1.7", 550)  # rfc3463: bad sender address syntax
             return None
         refusal = check_mail_parameters(
             path.parameters,
             extended=self.extended,
             max_size=self.settings.max_message_size,
             auth=bool(self.settings.auth_mechanisms),
+            smtputf8=utf8,
         )
         if refusal is not None:
             self._send(refusal)
             return None
+        if not path.address.isascii() and "SMTPUTF8" not in path.parameters:
+            # rfc6531 3.5: 550 5.6.7 for a MAIL that needs SMTPUTF8 and lacks it.
+            self._send(Reply.of(550, "5.6.7", "Must declare SMTPUTF8 to send a non-ASCII address"))
+            return None
         self._reset_transaction()
         return ev.MailFrom(path.address, path.parameters, verb)
 
-    def _address_error(self, error: AddressError, status: str) -> None:
+    def _address_error(self, error: AddressError, status: str, utf8_code: int) -> None:
         if error.status == "5.6.7":
-            self._send(Reply.of(553, "5.6.7", str(error)))  # rfc6531 3.7.4.1
+            # rfc6531 3.5: non-ASCII not permitted: 550 for MAIL, 553 for RCPT.
+            self._send(Reply.of(utf8_code, "5.6.7", str(error)))
         else:
             self._syntax(f"Syntax error: {error}", error.status or status)
 
@@ -143,9 +151,11 @@ class CommandParser:
             self._send(Reply.of(503, BAD_SEQUENCE, "Need MAIL before RCPT"))
             return None
         try:
-            path = parse_path_argument(argument, "TO", null_allowed=False, postmaster_allowed=True)
+            path = parse_path_argument(
+                argument, "TO", null_allowed=False, postmaster_allowed=True, utf8=self.smtputf8_transaction
+            )
         except AddressError as error:
-            self._address_error(error, "5.1.3")  # rfc3463: bad destination syntax
+            self._address_error(error, "5.1.3", 553)  # rfc3463: bad destination syntax
             return None
         if path.parameters:
             refusal = check_rcpt_parameters(path.parameters, extended=self.extended)
@@ -216,16 +226,26 @@ class CommandParser:
         return None
 
     def _vrfy(self, verb: str, argument: str) -> ev.Event | None:
+        argument, utf8 = self._query_argument(argument)
         if not argument:
-            self._syntax("Syntax: VRFY user-or-address")
+            self._syntax("Syntax: VRFY user-or-address [SMTPUTF8]" if self.settings.smtputf8 else "Syntax: VRFY user-or-address")
             return None
-        return ev.Verify(argument)  # rfc5321 3.5.1, 4.1.1.6
+        return ev.Verify(argument, utf8)  # rfc5321 3.5.1, 4.1.1.6
 
     def _expn(self, verb: str, argument: str) -> ev.Event | None:
+        argument, utf8 = self._query_argument(argument)
         if not argument:
-            self._syntax("Syntax: EXPN list")
+            self._syntax("Syntax: EXPN list [SMTPUTF8]" if self.settings.smtputf8 else "Syntax: EXPN list")
             return None
-        return ev.Expand(argument)  # rfc5321 3.5.2, 4.1.1.7
+        return ev.Expand(argument, utf8)  # rfc5321 3.5.2, 4.1.1.7
+
+    def _query_argument(self, argument: str) -> tuple[str, bool]:
+        """VRFY/EXPN's string and whether it ends with ``SP "SMTPUTF8"``
+        (rfc6531 3.7.4.2), when SMTPUTF8 is offered."""
+        string, space, last = argument.rpartition(" ")
+        if self.settings.smtputf8 and space and last.upper() == "SMTPUTF8":
+            return string.rstrip(" "), True
+        return argument, False
 
     def _turn(self, verb: str, argument: str) -> ev.Event | None:
         if argument:

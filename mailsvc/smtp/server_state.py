@@ -11,6 +11,7 @@ from mailsvc.smtp.replies import Reply
 MAX_COMMAND_LINE = 512  # rfc5321 4.5.3.1.4, CRLF included
 AUTH_PARAMETER_ROOM = 500  # rfc4954 3: AUTH= makes MAIL lines 500 octets longer
 MAX_AUTH_LINE = 12288  # rfc4954 4: room for any deployed SASL response
+SMTPUTF8_PARAMETER_ROOM = 10  # rfc6531 3.1 (5): MAIL lines 10 octets longer
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,9 @@ class ServerSettings:
     challenge_auth_without_tls: bool = False
     # rfc3030: offer CHUNKING (BDAT); off: BDAT gets 502.
     chunking: bool = False
+    # rfc6531: offer SMTPUTF8: UTF-8 addresses in MAIL/RCPT with MAIL's
+    # SMTPUTF8 parameter, VRFY/EXPN ... SMTPUTF8. Off: non-ASCII gets X.6.7.
+    smtputf8: bool = False
 
     # Replies that depend only on the settings, made once (not fields).
     @functools.cached_property
