@@ -46,7 +46,7 @@ from mailsvc.clientprotocol import SMTPClientProtocol
 from mailsvc.clientresults import SendResult, SMTPSessionError
 from mailsvc.configtable import checkDomain
 from mailsvc.delivery.hold import domain_of
-from mailsvc.delivery.relayoutcome import dsn_parameters, transaction_results
+from mailsvc.delivery.relayoutcome import PASSED_ON, dsn_parameters, transaction_results
 from mailsvc.envelope import QueuedMessage, RecipientState
 from mailsvc.errors import DeliveryError, PermanentDeliveryError, TemporaryDeliveryError
 from mailsvc.interfaces import IDeliveryAgent
@@ -55,9 +55,6 @@ from mailsvc.smtp.client_events import Transaction
 from mailsvc.smtp.replies import Reply
 
 log = Logger(namespace="mailsvc.turnaround")
-
-# MAIL parameters of the held message that go along (when the peer offers them).
-_PASSED_ON = ("RET", "ENVID", "SMTPUTF8")
 
 
 # ---------------------------------------------------------------- the switch
@@ -438,7 +435,7 @@ def _transaction(message: QueuedMessage, recipients, spool) -> Transaction:
     """The envelope of ``message`` for ``recipients``, as the relay sends it."""
     envelope = message.envelope
     params = {}
-    for key in _PASSED_ON:
+    for key in PASSED_ON:  # as the relay passes them on
         value = envelope.parameter(key)
         if value is not None:
             params[key] = value or None

@@ -138,10 +138,11 @@ def test_plan_batches_needs_positive_limits():
         bsmtp.plan_batches([1], 0, 10)
 
 
-def replay(batch: bytes) -> tuple[list[tuple], bytes]:
-    """Feed ``batch`` to the server machine, accepting every decision (250 at
-    end of data); return (transactions as (sender, recipients, data), replies)."""
-    machine = ServerConnection(ServerSettings("rx.test"))
+def replay(batch: bytes, **settings) -> tuple[list[tuple], bytes]:
+    """Feed ``batch`` to the server machine (``ServerSettings`` given by
+    ``settings``), accepting every decision (250 at end of data); return
+    (transactions as (sender, recipients, data), replies)."""
+    machine = ServerConnection(ServerSettings("rx.test", **settings))
     machine.start()
     machine.receive_data(batch)
     transactions, current, data = [], None, []

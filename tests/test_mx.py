@@ -392,6 +392,47 @@ class InMemoryTests(SynchronousTestCase):
         result = self.successResultOf(MXResolver(fake).resolve("Bücher.test"))
         self.assertEqual(result.hosts, [Host("xn--bcher-kva.test", 0, ["192.0.2.5"])])
 
+    def test_u_label_upper_case_and_a_label_give_the_same_lookup(self):
+        """rfc6531 3.2: a U-label, in any case or with an ideographic full stop
+        (UTS 46 mapping), and its A-label, in any case, ask DNS the same name."""
+        answers = {
+            ("xn--bcher-kva.test", dns.MX): [mx(10, "mx.xn--bcher-kva.test")],
+            ("mx.xn--bcher-kva.test", dns.A): [dns.Record_A("192.0.2.5")],
+        }
+        expected = MXResult([Host("mx.xn--bcher-kva.test", 10, ["192.0.2.5"])])
+        for domain in ("bücher.test", "BÜCHER.Test", "bücher\u3002test", "xn--bcher-kva.test", "XN--BCHER-KVA.TEST."):
+            fake = FakeResolver(answers)
+            self.assertEqual(self.successResultOf(MXResolver(fake).resolve(domain)), expected, domain)
+            self.assertEqual(fake.asked[0], ("xn--bcher-kva.test", dns.MX), domain)
+
+    def test_idna_2008_not_2003(self):
+        """IDNA 2008 (rfc5891, UTS 46 non-transitional): ß is kept as ß (xn--fa-hia),
+        where IDNA 2003 made it "ss"."""
+        fake = FakeResolver({("xn--fa-hia.test", dns.A): [dns.Record_A("192.0.2.6")]})
+        result = self.successResultOf(MXResolver(fake).resolve("faß.test"))
+        self.assertEqual(result.hosts, [Host("xn--fa-hia.test", 0, ["192.0.2.6"])])
+
+    def test_invalid_idn_is_5_1_3(self):
+        """A name that is no valid IDN fails for good with 5.1.3, without DNS: a
+        symbol (valid in IDNA 2003, not in 2008), a leading hyphen, an empty
+        label, a joiner out of context (rfc5892), a label over 63 octets."""
+        for domain in ("☃.test", "-bücher.test", "bücher..test", "a\u200db.test", "ü" + "x" * 60 + ".test"):
+            fake = FakeResolver({})
+            error = self.failureResultOf(MXResolver(fake).resolve(domain)).value
+            self.assertIsInstance(error, PermanentDeliveryError, domain)
+            self.assertEqual(error.status, "5.1.3", domain)
+            self.assertEqual(error.text, f"bad destination domain {domain!r}")
+            self.assertEqual(fake.asked, [])
+
+    def test_ascii_names_are_taken_as_they_are(self):
+        """An ASCII name is only lower-cased (Postfix converts only non-ASCII
+        names): a label with an underscore, which IDNA 2008 refuses, is still
+        looked up; an empty label is still 5.1.3."""
+        fake = FakeResolver({("my_host.test", dns.A): [dns.Record_A("192.0.2.7")]})
+        result = self.successResultOf(MXResolver(fake).resolve("My_Host.test"))
+        self.assertEqual(result.hosts, [Host("my_host.test", 0, ["192.0.2.7"])])
+        self.assertEqual(self.error({}, "a..test").status, "5.1.3")
+
     def test_empty_domain(self):
         """An empty domain fails for good with 5.1.3."""
         self.assertEqual(self.error({}, " . ").status, "5.1.3")

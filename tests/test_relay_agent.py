@@ -91,9 +91,10 @@ class DeferRecipient:
 
 
 class Peer:
-    """Our real server glue (``SMTPServerFactory``) over a FileSpool, for remote.test."""
+    """Our real server glue (``SMTPServerFactory``) over a FileSpool, for remote.test
+    (offering SMTPUTF8 only when ``smtputf8`` is true)."""
 
-    def __init__(self, path, clock, policies=(), max_message_size=10_000_000):
+    def __init__(self, path, clock, policies=(), max_message_size=10_000_000, smtputf8=False):
         self.spool = FileSpool(path)
         context = ReceiverContext(
             settings=ReceiverSettings(hostname="mx.remote.test", default_domain="remote.test"),
@@ -105,7 +106,7 @@ class Peer:
             now=lambda: NOW,
         )
         self.factory = SMTPServerFactory(
-            context, ServerSettings("mx.remote.test", max_message_size=max_message_size), clock=clock
+            context, ServerSettings("mx.remote.test", max_message_size=max_message_size, smtputf8=smtputf8), clock=clock
         )
 
     def buildProtocol(self, addr):

@@ -168,6 +168,7 @@ def test_size_limit(size, limit):
         (tx(mail_params={"ret": "HDRS", "ENVID": "QQ+2B"}), b"MAIL FROM:<alice@a.test> RET=HDRS ENVID=QQ+2B"),
         (tx(mail_params={"MT-PRIORITY": "3"}), b"MAIL FROM:<alice@a.test>"),
         (tx(mail_params={"SMTPUTF8": None}), b"MAIL FROM:<alice@a.test> SMTPUTF8"),
+        (tx(mail_params={"SMTPUTF8": None}, ascii_headers=True), b"MAIL FROM:<alice@a.test> SMTPUTF8"),
         (Transaction("", ["bob@b.test"]), b"MAIL FROM:<>"),
         (Transaction("j\u00f6rg@b\u00fccher.test", ["bob@b.test"]), "MAIL FROM:<j\u00f6rg@b\u00fccher.test> SMTPUTF8".encode()),
     ],
@@ -210,6 +211,52 @@ def test_messages_the_server_cannot_take_are_refused_without_sending(ehlo, trans
     assert isinstance(event, ev.TransactionFailed) and event.synthetic
     assert (event.reply.code, event.reply.enhanced) == (code, enhanced)
     assert conn.state is State.READY
+
+
+@pytest.mark.parametrize(
+    "transaction, mail_line",
+    [
+        (tx(mail_params={"SMTPUTF8": None}, ascii_headers=True), b"MAIL FROM:<alice@a.test>"),
+        (tx(mail_params={"SMTPUTF8": None, "RET": "HDRS"}, ascii_headers=True), b"MAIL FROM:<alice@a.test>"),
+        (tx(mail_params={"SMTPUTF8": None}, ascii_headers=True, body_8bit=True), b"MAIL FROM:<alice@a.test> BODY=8BITMIME"),
+    ],
+)
+def test_smtputf8_not_needed_is_left_out_for_a_server_without_it(transaction, mail_line):
+    """rfc6531 3.4: SMTPUTF8 asked for, but the header section is ASCII
+    (``ascii_headers``) and so is the envelope: the message goes to a server
+    without SMTPUTF8, MAIL without the parameter."""
+    conn = ready(b"250-mx\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+    conn.send_message(transaction)
+    assert conn.data_to_send().split(b"\r\n")[0] == mail_line
+
+
+@pytest.mark.parametrize(
+    "transaction, why",
+    [
+        (tx(mail_params={"SMTPUTF8": None}), "its header section is not ASCII"),
+        (tx("j\u00f6rg@b.test", mail_params={"SMTPUTF8": None}, ascii_headers=True), "a recipient address is not ASCII"),
+        (Transaction("j\u00f6rg@a.test", ["bob@b.test"], ascii_headers=True), "the sender address is not ASCII"),
+    ],
+)
+def test_smtputf8_needed_is_refused_saying_why(transaction, why):
+    """rfc6531 3.2, 3.5: a message that needs SMTPUTF8 goes to no server without
+    it: 553 5.6.7 from the machine itself, with the reason."""
+    conn = ready(b"250-mx\r\n250 8BITMIME\r\n")
+    conn.send_message(transaction)
+    assert conn.data_to_send() == b""
+    (event,) = feed(conn, b"")
+    assert isinstance(event, ev.TransactionFailed) and event.synthetic
+    assert str(event.reply) == f"553 5.6.7 The server does not offer SMTPUTF8, which the message needs: {why}"
+
+
+def test_utf8_recipient_goes_raw_with_smtputf8():
+    """rfc6531 3.2: to a server offering SMTPUTF8 the addresses go in UTF-8, as given."""
+    conn = ready()
+    conn.send_message(tx("j\u00f6rg@b\u00fccher.test", ascii_headers=True))
+    assert conn.data_to_send().split(b"\r\n")[:2] == [
+        b"MAIL FROM:<alice@a.test> SMTPUTF8",
+        "RCPT TO:<j\u00f6rg@b\u00fccher.test>".encode("utf-8"),
+    ]
 
 
 def test_size_is_not_sent_without_the_extension():

@@ -10,7 +10,6 @@ by the agent on timeout).
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import tempfile
@@ -70,13 +69,14 @@ class AgentTests(unittest.TestCase):
         """A command writing its stdin to ``self.out``."""
         return [sys.executable, "-c", COPY, str(self.out), str(pause)]
 
-    def commit(self, data: bytes = DATA, recipients=("bob@faraway.example",), sender="alice@example.test"):
+    def commit(self, data: bytes = DATA, recipients=("bob@faraway.example",), sender="alice@example.test", parameters=()):
         """Commit one message under the site's hop; return its QueuedMessage."""
         writer = self.spool.newMessage()
         writer.write(data)
         envelope = Envelope(
             sender=sender,
             recipients=(),
+            parameters=tuple(parameters),
             prepend_headers=("Received: from client by here.test (mailsvc) with ESMTP id x",),
         )
         [message] = writer.commit(envelope, {HOP: tuple(Recipient(r) for r in recipients)})
@@ -105,6 +105,24 @@ class AgentTests(unittest.TestCase):
         result = yield self.agent(self.copy_command()).deliver(message)
         self.assertEqual(result, {"bob@faraway.example": None, "carol@faraway.example": None})
         self.assertEqual(self.out.read_bytes(), self.expected_batch(message))
+
+    @defer.inlineCallbacks
+    def test_smtputf8_goes_in_the_batch_when_needed(self):
+        """SMTPUTF8 messages in one batch (rfc6531 with rfc2442): a UTF-8
+        recipient and a UTF-8 Subject keep SMTPUTF8 on MAIL, the recipient in
+        raw UTF-8; an all-ASCII one that had it goes without it."""
+        utf8 = (("SMTPUTF8", ""),)
+        to_joerg = self.commit(recipients=("jörg@faraway.example",), parameters=utf8)
+        subject = self.commit("Subject: Grüße\r\n\r\nhello\r\n".encode(), parameters=utf8 + (("BODY", "8BITMIME"),))
+        plain = self.commit(parameters=utf8)
+        agent = self.agent(self.copy_command(), window=0.2)
+        results = yield defer.gatherResults([agent.deliver(m) for m in (to_joerg, subject, plain)])
+        self.assertEqual(results, [{"jörg@faraway.example": None}, {"bob@faraway.example": None}, {"bob@faraway.example": None}])
+        batch = self.out.read_bytes()
+        self.assertEqual(batch, self.expected_batch(to_joerg, subject, plain))
+        mails = [line for line in batch.split(b"\r\n") if line.startswith(b"MAIL ")]
+        self.assertEqual([line.split(b" ")[2:-1] for line in mails], [[b"SMTPUTF8"], [b"BODY=8BITMIME", b"SMTPUTF8"], []])
+        self.assertIn("RCPT TO:<jörg@faraway.example>\r\n".encode(), batch)
 
     @defer.inlineCallbacks
     def test_site_name_replaces_placeholder(self):

@@ -6,6 +6,12 @@ answers with an ``MXResult``: the hosts in the order rfc5321 5.1 says to try
 them, each with every address found, so the relay agent can try them all
 before it defers. Failures come as ``mailsvc.errors`` delivery errors that
 say whether trying later may help.
+
+An internationalized domain (a U-label, such as ``bücher.example``, which
+SMTPUTF8 mail may carry) is looked up in A-label form (rfc6531 3.2: "transform
+the internationalized domain name to A-label form ... as specified in RFC
+5890"): IDNA 2008 (rfc5891) with the UTS 46 mapping, so that ``BÜCHER`` is
+``bücher`` (``ascii_name``). A name that is not a valid IDN fails with 5.1.3.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from twisted.names import dns
 from twisted.names import error as dns_error
 
 from mailsvc.errors import PermanentDeliveryError, TemporaryDeliveryError
+from mailsvc.smtp.address import ascii_domain
 
 # DNS answers that mean "this name does not exist" rather than "ask later".
 _NO_SUCH_NAME = (dns_error.DNSNameError, dns_error.AuthoritativeDomainError)
@@ -233,14 +240,29 @@ def _normal_self_name(name: str) -> str:
         return _normal_name(name)
 
 
+def ascii_name(domain: str) -> str:
+    """``domain`` as the DNS knows it: lower case, no trailing dot, its
+    U-labels as A-labels (rfc6531 3.2; ``mailsvc.smtp.address.ascii_domain``:
+    IDNA 2008 with the UTS 46 mapping). An ASCII name is only lower-cased,
+    its labels checked for length (rfc1035 2.3.4), as Postfix converts only
+    non-ASCII names.
+
+    :raise ValueError: (``AddressError``, ``UnicodeError``) not a valid name.
+    """
+    name = _normal_name(domain) if domain.isascii() else ascii_domain(domain.strip())
+    if any(not 0 < len(label) <= 63 for label in name.split(".")):
+        raise UnicodeError(f"label empty or too long in {domain!r}")
+    return name
+
+
 def _normal_domain(domain: str) -> str:
-    """``domain`` as DNS wants it: ASCII (IDNA), lower case, no trailing dot."""
+    """``domain`` as DNS wants it: ASCII (A-labels), lower case, no trailing dot."""
     given = domain.strip()
     if given.startswith("["):
         return given
     try:
-        domain = _normal_name(given).encode("idna").decode("ascii")
-    except UnicodeError:
+        domain = ascii_name(given)
+    except ValueError:
         domain = ""
     if not domain:
         # rfc3463 3.2: X.1.3 bad destination mailbox address syntax.

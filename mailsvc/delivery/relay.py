@@ -47,6 +47,18 @@ When every address failed, the last reason is returned as a temporary error
 Before connecting, a message with more ``Received:`` headers than
 ``max_received_headers`` is failed with 5.4.6 (rfc5321 6.3: a loop).
 
+SMTPUTF8 (rfc6531), as Postfix does it: a message needs it when an address
+of the transaction (the sender, a recipient of the domain) is not ASCII, or
+when the sender gave SMTPUTF8 and the header section (read with the
+``Received:`` count) has non-ASCII octets (rfc6532). A peer that offers it
+gets SMTPUTF8 on MAIL whenever the sender gave it; one that does not gets a
+message that does not need it without the parameter (rfc6531 3.4: "SHOULD
+NOT supply"), and one that needs it fails with 5.6.7, saying why (rfc6531
+3.2, 3.5). Domains are grouped, routed and looked up in A-label form
+(``mailsvc.delivery.mx.ascii_name``, rfc6531 3.2); addresses go as given.
+Only the message's own header section is read: UTF-8 headers of nested
+parts (message/global) are not looked for.
+
 DSN parameters (rfc3461) are passed on to a peer that offers DSN (NOTIFY and
 ORCPT per recipient, RET and ENVID per message); then the peer sends any
 success report. To a peer without DSN, a recipient that asked for
@@ -102,16 +114,17 @@ from mailsvc.clientprotocol import CHUNK_SIZE, SMTPClientFactory, timeouts_from
 from mailsvc.clientresults import SMTPSessionError
 from mailsvc.clientsession import SessionSecurity
 from mailsvc.delivery.downgrade import CannotDowngrade
+from mailsvc.delivery.mx import ascii_name
 from mailsvc.delivery.outgoing import OutgoingMessage
 from mailsvc.delivery.pool import ConnectionPool, PooledConnection
 from mailsvc.delivery.relayoutcome import (
-    checked_transaction,
     connect_failure_reason,
-    dsn_parameters,
+    envelope_transaction,
     opening_error,
     results_lost_after_data,
     same_for_all,
     session_error,
+    smtputf8_refusal,
     transaction_results,
     unanswered,
 )
@@ -120,11 +133,6 @@ from mailsvc.envelope import QueuedMessage, Recipient, RecipientState
 from mailsvc.errors import DeliveryError, PermanentDeliveryError, TemporaryDeliveryError
 from mailsvc.interfaces import IDeliveryAgent
 from mailsvc.smtp.client import ClientSettings, State
-from mailsvc.smtp.client_events import Transaction
-
-# The MAIL parameters of the received message that are passed on (when the
-# peer offers their extension; the client machine checks that).
-_PASSED_ON = ("RET", "ENVID", "SMTPUTF8")
 
 # The largest message converted to 7-bit (it is read whole to do it).
 DOWNGRADE_LIMIT = 16 * 1024 * 1024
@@ -141,6 +149,17 @@ class _TLSFailed:
 
     def __init__(self, error: DeliveryError) -> None:
         self.error = error
+
+
+def _domain_of(address: str) -> str:
+    """The domain of ``address`` as it is grouped, routed and looked up: A-labels
+    (rfc6531 3.2); as given, lower-cased, when it is no valid name (the MX
+    lookup then fails it with 5.1.3)."""
+    domain = address.rpartition("@")[2]
+    try:
+        return ascii_name(domain)
+    except ValueError:
+        return domain.lower().rstrip(".")
 
 
 def endpoint_connector(reactor) -> Callable:
@@ -239,7 +258,7 @@ class RelayAgent:
         if not pending:
             return {}
         try:
-            size, received = await self._blocking(self._scan, message)
+            size, received, ascii_headers = await self._blocking(self._scan, message)
         except OSError as e:
             return same_for_all(pending, TemporaryDeliveryError(f"cannot read the queued message: {e}", "4.3.0"))
         if received > self._config.max_received_headers:
@@ -252,7 +271,7 @@ class RelayAgent:
             return same_for_all(pending, error)
         by_domain: dict[str, list[str]] = {}
         for address in pending:
-            by_domain.setdefault(address.rpartition("@")[2].lower().rstrip("."), []).append(address)
+            by_domain.setdefault(_domain_of(address), []).append(address)
         content = OutgoingMessage(self._spool, message, self._blocking, self._downgrade_limit)
         try:
             if len(by_domain) == 1:
@@ -260,10 +279,12 @@ class RelayAgent:
                 # Deferred and the gathering that running domains side by
                 # side needs (_deliver_domain_safely never raises).
                 [(domain, addresses)] = by_domain.items()
-                return await self._deliver_domain_safely(message, content, domain, addresses, size)
+                return await self._deliver_domain_safely(message, content, domain, addresses, size, ascii_headers)
             outcomes = await defer.gatherResults(
                 [
-                    defer.Deferred.fromCoroutine(self._deliver_domain_safely(message, content, domain, addresses, size))
+                    defer.Deferred.fromCoroutine(
+                        self._deliver_domain_safely(message, content, domain, addresses, size, ascii_headers)
+                    )
                     for domain, addresses in by_domain.items()
                 ]
             )
@@ -274,11 +295,14 @@ class RelayAgent:
             results.update(outcome)
         return results
 
-    def _scan(self, message: QueuedMessage) -> tuple[int, int]:
+    def _scan(self, message: QueuedMessage) -> tuple[int, int, bool]:
         """Blocking: the message's size in octets (as it will be sent, before
-        dot-stuffing) and how many ``Received:`` headers it has. Only the
-        header section is read when the spool's file can tell its size."""
+        dot-stuffing), how many ``Received:`` headers it has and whether its
+        header section is all ASCII (else it needs SMTPUTF8 when the sender
+        gave it: rfc6531 3.4, rfc6532). Only the header section is read when
+        the spool's file can tell its size."""
         size = received = 0
+        ascii_headers = True
         with self._spool.open(message) as source:
             while True:
                 line = source.readline(CHUNK_SIZE)
@@ -287,43 +311,30 @@ class RelayAgent:
                     break  # the end of the header section (rfc5322 2.1)
                 if line[:9].lower() == b"received:":
                     received += 1
+                ascii_headers = ascii_headers and line.isascii()
             if source.seekable():
-                return source.seek(0, io.SEEK_END), received
+                return source.seek(0, io.SEEK_END), received, ascii_headers
             while chunk := source.read(CHUNK_SIZE):
                 size += len(chunk)
-        return size, received
+        return size, received, ascii_headers
 
     # ---------------------------------------------------------- one domain
 
-    async def _deliver_domain_safely(self, message, content, domain, addresses, size) -> dict:
+    async def _deliver_domain_safely(self, message, content, domain, addresses, size, ascii_headers) -> dict:
         try:
-            return await self._deliver_domain(message, content, domain, addresses, size)
+            return await self._deliver_domain(message, content, domain, addresses, size, ascii_headers)
         except Exception as e:
             self._log.failure("relay of id={id} to domain {domain} failed unexpectedly", id=message.id, domain=domain)
             return same_for_all(addresses, TemporaryDeliveryError(f"internal error: {e.__class__.__name__}: {e}", "4.3.0"))
 
-    async def _deliver_domain(self, message: QueuedMessage, content, domain: str, addresses: list[str], size: int) -> dict:
-        results: dict = {}
+    async def _deliver_domain(
+        self, message: QueuedMessage, content, domain: str, addresses: list[str], size: int, ascii_headers: bool
+    ) -> dict:
         if not domain:
             return same_for_all(addresses, PermanentDeliveryError("recipient address has no domain", "5.1.3"))
-        envelope = message.envelope
-        mail_params = {}
-        for key in _PASSED_ON:
-            value = envelope.parameter(key)
-            if value is not None:
-                mail_params[key] = value or None
-        body_8bit = (envelope.parameter("BODY") or "").upper() == "8BITMIME"
-        by_address = {r.address: r for r in envelope.recipients}
-        rcpts = tuple((address, dsn_parameters(by_address.get(address))) for address in addresses)
-        try:
-            # The whole envelope is checked once; only when something in it
-            # is wrong is it taken apart to find what (checked_transaction).
-            transaction = Transaction(envelope.sender, rcpts, mail_params, size=size, body_8bit=body_8bit)
-            valid = addresses
-        except ValueError:
-            transaction, valid, results = checked_transaction(envelope, addresses, by_address, mail_params, size, body_8bit)
-            if transaction is None:
-                return results
+        transaction, valid, results = envelope_transaction(message.envelope, addresses, size, ascii_headers)
+        if transaction is None:
+            return results
 
         route = self._config.route_for(domain)
         if route is not None:
@@ -453,6 +464,9 @@ class RelayAgent:
                 if e.opening is not None:
                     return opening_error(where, e.opening)
                 return session_error(name, where, e)
+        refusal = smtputf8_refusal(name, transaction, protocol.extensions)
+        if refusal is not None:
+            return refusal  # rfc6531 3.2: bounced, not converted (rfc6531 3.5: 5.6.7)
         if transaction.body_8bit and "8BITMIME" not in protocol.extensions:
             # rfc6152 3: no 8-bit data to this peer: convert to 7-bit MIME, or bounce.
             try:

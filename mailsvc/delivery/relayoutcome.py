@@ -1,9 +1,10 @@
 """What a relay attempt comes to for each recipient.
 
 Pure functions, no I/O, used by ``mailsvc.delivery.relay.RelayAgent`` (and
-``mailsvc.turnaround``): the transaction an envelope allows when part of it
-is bad (a bad recipient fails alone), the DSN parameters passed on for a
-recipient (rfc3461), and the delivery result that each reply, refusal,
+``mailsvc.turnaround``): the transaction an envelope allows (when part of it
+is bad, a bad recipient fails alone), the DSN parameters passed on for a
+recipient (rfc3461), whether SMTPUTF8 stops a message going to a peer
+(rfc6531 3.2), and the delivery result that each reply, refusal,
 failed connection or broken session means for each recipient: ``Delivered``,
 ``TemporaryDeliveryError`` or ``PermanentDeliveryError``, the peer's words
 written ``"<x.y.z> host <name> said: <reply>"`` so that bounces name the
@@ -25,12 +26,41 @@ from mailsvc.smtp import xtext
 from mailsvc.smtp.client_events import Transaction
 from mailsvc.smtp.replies import Reply
 
+# The MAIL parameters of the received message that are passed on (when the
+# peer offers their extension; the client machine checks that). SMTPUTF8 is
+# needed, and then required of the peer, only as ``Transaction`` says.
+PASSED_ON = ("RET", "ENVID", "SMTPUTF8")
 
-def checked_transaction(envelope, addresses, by_address, mail_params, size, body_8bit):
+
+def envelope_transaction(envelope, addresses, size: int, ascii_headers: bool = False):
+    """The transaction sending ``envelope`` to ``addresses`` (all of one
+    domain): ``(transaction or None, valid addresses, errors)``, as
+    ``checked_transaction``. ``ascii_headers``: the header section was found
+    all ASCII, so SMTPUTF8, if the sender gave it, is not needed unless an
+    address of this transaction is not ASCII (rfc6531 3.4)."""
+    mail_params = {}
+    for key in PASSED_ON:
+        value = envelope.parameter(key)
+        if value is not None:
+            mail_params[key] = value or None
+    body_8bit = (envelope.parameter("BODY") or "").upper() == "8BITMIME"
+    by_address = {r.address: r for r in envelope.recipients}
+    rcpts = tuple((address, dsn_parameters(by_address.get(address))) for address in addresses)
+    try:
+        # The whole envelope is checked once; only when something in it
+        # is wrong is it taken apart to find what (checked_transaction).
+        transaction = Transaction(envelope.sender, rcpts, mail_params, size, body_8bit, ascii_headers=ascii_headers)
+    except ValueError:
+        return checked_transaction(envelope, addresses, by_address, mail_params, size, body_8bit, ascii_headers)
+    return transaction, addresses, {}
+
+
+def checked_transaction(envelope, addresses, by_address, mail_params, size, body_8bit, ascii_headers=False):
     """The transaction for ``addresses`` when their envelope did not pass as a
     whole: ``(transaction or None, valid addresses, errors)``. A bad recipient
     fails alone (5.1.3); parameters we cannot repeat are dropped rather than
-    the message; a bad sender fails every recipient (5.1.7)."""
+    the message (but SMTPUTF8, which cannot be bad, is kept: rfc6531 3.4);
+    a bad sender fails every recipient (5.1.7)."""
     results: dict = {}
     valid = []
     for address in addresses:
@@ -45,14 +75,28 @@ def checked_transaction(envelope, addresses, by_address, mail_params, size, body
     rcpts = tuple((address, dsn_parameters(by_address.get(address))) for address in valid)
     try:
         try:
-            transaction = Transaction(envelope.sender, rcpts, mail_params, size=size, body_8bit=body_8bit)
+            transaction = Transaction(envelope.sender, rcpts, mail_params, size, body_8bit, ascii_headers=ascii_headers)
         except ValueError:
             # A parameter we cannot repeat is dropped rather than the message.
-            transaction = Transaction(envelope.sender, tuple(valid), {}, size=size, body_8bit=body_8bit)
+            kept = {key: None for key in mail_params if key == "SMTPUTF8"}
+            transaction = Transaction(envelope.sender, tuple(valid), kept, size, body_8bit, ascii_headers=ascii_headers)
     except ValueError as e:
         # rfc3463 3.2: X.1.7 bad sender's mailbox address syntax.
         return None, valid, {**results, **same_for_all(valid, PermanentDeliveryError(f"bad envelope: {e}", "5.1.7"))}
     return transaction, valid, results
+
+
+def smtputf8_refusal(name: str, transaction: Transaction, extensions: dict) -> DeliveryError | None:
+    """The failure of a message that needs SMTPUTF8 to a peer that does not
+    offer it, saying why (rfc6531 3.2: "MUST NOT transmit an internationalized
+    email address" nor UTF-8 headers; it "SHOULD reject the message": a
+    bounce, 5.6.7 as rfc6531 3.5 and Postfix give); ``None`` when it may go."""
+    need = transaction.smtputf8_need
+    if not need or "SMTPUTF8" in extensions:
+        return None
+    return PermanentDeliveryError(
+        f"host {name} does not offer SMTPUTF8, which the message needs: {need}", "5.6.7"
+    )
 
 
 def same_for_all(addresses: Iterable[str], error: DeliveryError | None) -> dict:

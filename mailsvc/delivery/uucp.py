@@ -10,7 +10,10 @@ site's ``max_messages`` and ``max_bytes`` (a message larger than
 replaced by the name; by default ``uux -r -z - {site}!rsmtp``: queue the job,
 do not call the site now) with the batch (``mailsvc.bsmtp``) streamed to its
 standard input straight from the spool files, a chunk at a time as the pipe
-drains (never a whole message in memory).
+drains (never a whole message in memory). A message's ``MAIL`` carries
+SMTPUTF8 only when the message needs it (rfc6531 3.4; ``mailsvc.bsmtp``: a
+non-ASCII address, or SMTPUTF8 given and a non-ASCII header section, which is
+then read ahead of the ``MAIL`` line, up to ``bsmtp.HEADER_PEEK_LIMIT``).
 
 The batch counts as handed on only when the command exits with status 0:
 then every recipient of every message in it is delivered. Otherwise (a

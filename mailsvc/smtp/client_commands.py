@@ -76,11 +76,14 @@ def mail_parameters(tx: Transaction, extensions: dict[str, str]) -> tuple[dict, 
             # the caller downgrades or bounces.
             return {}, Reply.of(554, "5.6.3", "The server does not offer 8BITMIME")
         params["BODY"] = "8BITMIME"  # rfc6152 3
-    if tx.needs_smtputf8:
+    need = tx.smtputf8_need
+    if need:
         if "SMTPUTF8" not in extensions:
-            # rfc6531 3.5: nothing internationalized to a server without SMTPUTF8.
-            return {}, Reply.of(553, "5.6.7", "The server does not offer SMTPUTF8")
+            # rfc6531 3.2, 3.5: nothing internationalized to a server without SMTPUTF8.
+            return {}, Reply.of(553, "5.6.7", f"The server does not offer SMTPUTF8, which the message needs: {need}")
         params["SMTPUTF8"] = None  # rfc6531 3.4
+    # Asked for but not needed: sent only when offered (offered_parameters);
+    # rfc6531 3.4, the server without it gets the message without it.
     return params, None
 
 

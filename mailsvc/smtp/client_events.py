@@ -37,8 +37,13 @@ class Transaction:
     with no parameters). Parameters map keywords to a value or ``None``; they
     are sent only when the server offers their extension (DSN's RET, ENVID,
     NOTIFY, ORCPT only with DSN). ``size`` (octets, as stored) becomes SIZE=
-    and ``body_8bit`` BODY=8BITMIME. ``SMTPUTF8`` in ``mail_params``, or a
-    non-ASCII address, says the message needs SMTPUTF8.
+    and ``body_8bit`` BODY=8BITMIME.
+
+    SMTPUTF8 (rfc6531 3.4): a non-ASCII address needs it, and so does
+    ``SMTPUTF8`` in ``mail_params`` (the sender asked for it: the header
+    section may be UTF-8, rfc6532) unless ``ascii_headers`` says the caller
+    found the header section all ASCII; then SMTPUTF8 goes only to a server
+    that offers it, and one that does not gets the message without it.
     """
 
     sender: str
@@ -46,6 +51,7 @@ class Transaction:
     mail_params: dict = field(default_factory=dict, hash=False)
     size: int | None = None
     body_8bit: bool = False
+    ascii_headers: bool = False
 
     def __post_init__(self) -> None:
         _check_address(self.sender, null_allowed=True)
@@ -66,12 +72,35 @@ class Transaction:
 
     @property
     def needs_smtputf8(self) -> bool:
-        """True when the envelope or the caller asks for SMTPUTF8 (rfc6531 3.4)."""
-        return (
-            "SMTPUTF8" in self.mail_params
-            or not self.sender.isascii()
-            or not all(address.isascii() for address, _ in self.recipients)
+        """True when the envelope or the message needs SMTPUTF8 (rfc6531 3.4)."""
+        return bool(self.smtputf8_need)
+
+    @property
+    def smtputf8_need(self) -> str:
+        """Why the message needs SMTPUTF8 (rfc6531 3.4), or ``""``."""
+        return smtputf8_need(
+            self.sender,
+            (address for address, _ in self.recipients),
+            "SMTPUTF8" in self.mail_params,
+            self.ascii_headers,
         )
+
+
+def smtputf8_need(sender: str, recipients, asked: bool, ascii_headers: bool) -> str:
+    """Why a message needs SMTPUTF8, or ``""`` when it does not (rfc6531 3.4:
+    "If the envelope or message being sent requires the capabilities of the
+    SMTPUTF8 extension"). Like Postfix: a non-ASCII sender or recipient
+    address; or, when the sender gave SMTPUTF8 (``asked``), a header section
+    not known to be all ASCII (``ascii_headers``; rfc6532 UTF-8 headers). A
+    message that needs it goes to no server without SMTPUTF8 (rfc6531 3.2).
+    The text names no address: it goes into bounces."""
+    if not sender.isascii():
+        return "the sender address is not ASCII"
+    if not all(address.isascii() for address in recipients):
+        return "a recipient address is not ASCII"
+    if asked and not ascii_headers:
+        return "its header section is not ASCII"
+    return ""
 
 
 # A pure function of its arguments, and the same senders and recipients come
