@@ -32,12 +32,14 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailsvc.aliases import normalName
 from mailsvc.interfaces import IMailUser, ISASLVerifiedCredentials
 from mailsvc.limits import AuthFailures
 from mailsvc.passwords import PasswordFile, SecretsFile, hash_password, verify_password
 from mailsvc.policy import SessionInfo
 from mailsvc.smtp import events as ev
 from mailsvc.smtp import sasl
+from mailsvc.smtp.address import domain_key
 from mailsvc.smtp.replies import Reply
 
 log = Logger(namespace="mailsvc.auth")
@@ -187,12 +189,14 @@ class Authenticator:
         return AuthSession(self, info)
 
     def user_name(self, login: str) -> str:
-        """``alice`` or ``alice@<local domain>`` → ``alice``; anything else lower-cased as is."""
-        name = login.strip().lower()
+        """``alice`` or ``alice@<local domain>`` → ``alice``; anything else
+        as is, both as user names are compared (``normalName``: lower case,
+        NFC; a local domain as a U-label or an A-label)."""
+        name = login.strip()
         local, at, domain = name.rpartition("@")
-        if at and local and domain in self.local_domains:
-            return local
-        return name
+        if at and local and domain_key(domain) in self.local_domains:
+            return normalName(local)
+        return normalName(name)
 
 
 def credentials_for(authenticator, step) -> tuple[str, str, object]:

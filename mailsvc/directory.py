@@ -15,7 +15,7 @@ from zope.interface import implementer
 from mailsvc.aliases import expandAlias, normalName
 from mailsvc.envelope import LocalMailbox
 from mailsvc.interfaces import IRecipientDirectory, IRecipientDirectoryFactory
-from mailsvc.smtp.address import AddressError, ascii_domain
+from mailsvc.smtp.address import domain_key
 
 POSTMASTER = "postmaster"
 
@@ -41,7 +41,7 @@ class ConfigDirectory:
     def isLocalDomain(self, domain: str) -> bool:
         """Whether ``domain`` is local; case, a trailing dot and U-labels or
         A-labels do not matter."""
-        return _domain_key(domain) in self.domains
+        return domain_key(domain) in self.domains
 
     def _split(self, address: str) -> tuple[str, str] | None:
         """(local part lower-cased, local domain) of ``address``, or None if not local.
@@ -54,7 +54,7 @@ class ConfigDirectory:
             local, domain = address, self.domains[0] if self.domains else ""
             if local.lower() != POSTMASTER:
                 return None
-        domain = _domain_key(domain)
+        domain = domain_key(domain)
         if not local or domain not in self.domains:
             return None
         return normalName(local), domain
@@ -82,17 +82,6 @@ class ConfigDirectory:
             return None
         local, domain = split
         return tuple(f"{member}@{domain}" for member in self.aliases[local])
-
-
-def _domain_key(domain: str) -> str:
-    """``domain`` as the config holds local domains (``checkDomain``): lower
-    case, no trailing dot, A-labels; ``""`` for a name that is no IDN."""
-    if domain.isascii():
-        return domain.lower().removesuffix(".")
-    try:
-        return ascii_domain(domain)
-    except AddressError:
-        return ""
 
 
 @implementer(IPlugin, IRecipientDirectoryFactory)

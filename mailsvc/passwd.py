@@ -27,6 +27,7 @@ import os
 import sys
 
 from mailsvc import config as configuration
+from mailsvc.aliases import normalName
 from mailsvc.errors import ConfigError
 from mailsvc.passwords import make_entry, write_entry
 
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None, stdin=None, prompt=getpass.getpass) -> i
     except ConfigError as error:
         print(f"mailsvc passwd: config error: {error}", file=sys.stderr)
         return EX_CONFIG
-    user = args.user.lower()
+    user = normalName(args.user)  # as [local] users are kept
     if user not in cfg.local.users:
         print(f"mailsvc passwd: {args.user}: no such local user (see [local] users)", file=sys.stderr)
         return EX_NOUSER

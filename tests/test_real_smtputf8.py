@@ -4,14 +4,19 @@ server offers it) and a raw socket for what smtplib would not send."""
 
 from __future__ import annotations
 
+import base64
+import io
+import poplib
 import smtplib
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.policy import SMTPUTF8 as SMTPUTF8_POLICY
 
 import pytest
+import trustme
 
-from realserver import RawSMTP, RealServer, start_server  # noqa: F401 (fixtures)
+from mailsvc import passwd
+from realserver import RawSMTP, RealServer, client_context, free_port, start_server  # noqa: F401 (fixtures)
 
 JOERG = "j\u00f6rg"
 BUECHER = "b\u00fccher.example"  # a local domain, configured as a U-label
@@ -101,3 +106,66 @@ def test_smtputf8_can_be_turned_off(start_server):
         assert not client.has_extn("smtputf8")
         with pytest.raises(smtplib.SMTPNotSupportedError):
             client.send_message(utf8_message(f"{JOERG}@example.test"))
+
+
+def test_alice_and_joerg_over_submission_and_pop3(tmp_path):
+    """End to end with a UTF-8 user: Alice submits (STARTTLS + AUTH) a
+    message with a UTF-8 Subject to jörg@bücher.example; Jörg logs in to
+    POP3 as "JÖRG@bücher.example" (any case, the U-label of the domain),
+    reads the bytes Alice sent, and answers her, logged in to submission
+    with AUTH PLAIN in UTF-8 (rfc4616)."""
+    ca = trustme.CA()
+    pop3_port = free_port()
+    server = RealServer(tmp_path / "srv", sections={
+        "local": {"domains": ["example.test", BUECHER], "users": USERS},
+        "pop3": {"listen": [f"tcp:{pop3_port}:interface=127.0.0.1"]},
+    })
+    cert = ca.issue_cert("mx.test", "127.0.0.1", common_name="mx.test")
+    server.cert_file.parent.mkdir(parents=True)
+    cert.private_key_pem.write_to_path(str(server.key_file))
+    server.cert_file.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    server.write_config()
+    for user, password in (("alice", "alice pass"), ("J\u00d6RG", "j\u00f6rg's pass")):
+        assert passwd.main([user, "--config", str(server.config_path), "--stdin"],
+                           stdin=io.StringIO(password + "\n")) == 0
+    context = client_context(ca)
+    message = (
+        "From: Alice <alice@example.test>\r\nTo: J\u00f6rg <j\u00f6rg@b\u00fccher.example>\r\n"
+        "Subject: \u00dcberraschung\r\nMessage-ID: <u1@example.test>\r\nDate: Mon, 23 Nov 2026 10:00:00 +0000\r\n"
+        "\r\nHallo J\u00f6rg,\r\n.punkt\r\nAlice\r\n"
+    ).encode()
+    server.start()
+    try:
+        server.wait_for_log(f"starting on {pop3_port}")
+        with smtplib.SMTP("127.0.0.1", server.submission_port, local_hostname="laptop.test", timeout=10) as client:
+            client.starttls(context=context)
+            client.ehlo()
+            client.login("alice", "alice pass")
+            assert client.sendmail("alice@example.test", [f"{JOERG}@{BUECHER}"], message, mail_options=["SMTPUTF8"]) == {}
+        server.wait_for_mail(JOERG)
+
+        pop = poplib.POP3("127.0.0.1", pop3_port, timeout=10)
+        try:
+            pop.stls(context=context)
+            pop.user(f"J\u00d6RG@{BUECHER}")
+            assert pop.pass_("j\u00f6rg's pass").startswith(b"+OK")
+            _, lines, _ = pop.retr(1)
+        finally:
+            pop.quit()
+        received = b"".join(line + b"\r\n" for line in lines)
+        assert received.endswith(message)
+        assert b" with UTF8SMTPSA id " in received  # rfc6531 4.3: SMTPUTF8, TLS and AUTH
+
+        answer = b"Subject: Re: \xc3\x9cberraschung\r\n\r\nDanke!\r\n"
+        with smtplib.SMTP("127.0.0.1", server.submission_port, local_hostname="laptop.test", timeout=10) as client:
+            client.starttls(context=context)
+            client.ehlo()
+            # smtplib encodes AUTH responses as ASCII: the rfc4616 message by hand.
+            token = base64.b64encode(f"\0{JOERG}@{BUECHER}\0j\u00f6rg's pass".encode()).decode()
+            assert client.docmd("AUTH", f"PLAIN {token}")[0] == 235
+            assert client.sendmail(f"{JOERG}@{BUECHER}", ["alice@example.test"], answer, mail_options=["SMTPUTF8"]) == {}
+        [path] = server.wait_for_mail("alice")
+        assert path.read_bytes().endswith(b"\n\nDanke!\n")
+        assert f"Return-Path: <{JOERG}@{BUECHER}>".encode() in path.read_bytes()
+    finally:
+        server.stop()

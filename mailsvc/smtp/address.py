@@ -98,6 +98,17 @@ def ascii_domain(domain: str) -> str:
         raise AddressError(f"bad internationalized domain: {shown(domain)}", "5.1.2") from None
 
 
+def domain_key(domain: str) -> str:
+    """``domain`` as domains are compared (``ascii_domain``), or ``""`` for
+    a non-ASCII name that is no IDN (it matches no configured domain)."""
+    if domain.isascii():
+        return domain.lower().removesuffix(".")
+    try:
+        return ascii_domain(domain)
+    except AddressError:
+        return ""
+
+
 def check_mailbox(mailbox: str, *, utf8: bool = False) -> None:
     """Raise ``AddressError`` unless ``mailbox`` is ``Local-part@Domain``
     (rfc5321 4.1.2; with ``utf8``, rfc6531 3.3's extended form)."""
