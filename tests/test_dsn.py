@@ -276,12 +276,15 @@ def test_seven_bit_report_declares_no_8bit():
 
 
 def test_non_ascii_recipient_and_reply():
-    """Non-ASCII text stays out of the status fields and reads back from the text part."""
+    """A non-ASCII recipient makes the report an rfc6533 one: the address and the
+    reply read back whole from the status fields, and from the text part."""
     outcome = RecipientOutcome(Recipient("josé@remote.test"), "5.1.1", "550 5.1.1 unknown: josé", "mx.remote.test")
     data = build(outcomes=(outcome,))
-    fields = status_blocks(data)[1]
-    assert fields["Final-Recipient"] == "rfc822; jos?@remote.test"
-    assert fields["Diagnostic-Code"] == "smtp; 550 5.1.1 unknown: jos?"
+    status = parse(data).get_payload()[1]
+    assert status.get_content_type() == "message/global-delivery-status"
+    fields = email.message_from_string(status.get_content().decode("utf-8").split("\n\n")[1], policy=email.policy.default)
+    assert fields["Final-Recipient"] == "utf-8; josé@remote.test"
+    assert fields["Diagnostic-Code"] == "smtp; 550 5.1.1 unknown: josé"
     text = parse(data).get_payload()[0]
     assert text["Content-Transfer-Encoding"] == "quoted-printable"
     assert "<josé@remote.test>: not delivered" in text.get_content()

@@ -666,3 +666,35 @@ def test_postfix_both_ways_with_smtputf8(start_server, postfix):
     assert b"by mx.test (mailsvc) with UTF8SMTP id " in data
     assert f"Delivered-To: {joerg}@example.test\n".encode() in data
     assert body_of_delivered(path) == back
+
+
+def test_utf8_message_to_a_peer_without_smtputf8_bounces_as_a_global_report(start_server, scripted_peer):
+    """A message that needs SMTPUTF8 (a UTF-8 recipient) meets a peer without
+    it: never sent (rfc6531 3.2), it bounces with 5.6.7, and the local UTF-8
+    sender gets an rfc6533 report: message/global-delivery-status naming the
+    recipient as utf-8, the original returned as message/global-headers."""
+    joerg, zoe = "j\u00f6rg", "zo\u00eb@remote.test"
+    peer = scripted_peer()
+    a = start_server("a", sections={
+        **relay_sections(route=[route("remote.test", peer.port)]),
+        "local": {"users": ["alice", "bob", joerg]},
+    })
+    message = f"From: {joerg}@example.test\r\nTo: {zoe}\r\nSubject: Gr\u00fc\u00dfe\r\n\r\nHallo\r\n".encode()
+    with smtplib.SMTP("127.0.0.1", a.port, timeout=10) as client:
+        client.ehlo("client.test")
+        assert not client.sendmail(f"{joerg}@example.test", [zoe], message, mail_options=["SMTPUTF8"])
+    [path] = a.wait_for_mail(joerg, timeout=15)
+    data = path.read_bytes()
+    assert data.startswith(b"Return-Path: <>\n")
+    report = email.message_from_bytes(data, policy=email.policy.compat32)
+    assert report.get_content_type() == "multipart/report"
+    assert report.get_param("report-type") == "global-delivery-status"
+    text, status, original = report.get_payload()
+    assert status.get_content_type() == "message/global-delivery-status"
+    assert f"Final-Recipient: utf-8; {zoe}".encode() in data
+    assert b"Status: 5.6.7" in data
+    assert b"does not offer SMTPUTF8" in data
+    assert original.get_content_type() == "message/global-headers"
+    assert "Subject: Gr\u00fc\u00dfe".encode() in data  # the original's header, raw UTF-8
+    a.wait_idle(timeout=10)
+    assert peer.messages == [] and peer.rcpts == []

@@ -6,6 +6,12 @@ queues it like any message, from the null sender ``<>`` (rfc5321 4.5.5), so
 a report is never answered by another report. The one exception, as in
 Postfix: a report that itself cannot be delivered is sent once to the local
 postmaster (a "double bounce"); if that fails too, it is only logged.
+
+A report that must be an internationalized one (rfc6533: the message came
+with SMTPUTF8, or an address it names is not ASCII) is queued with the
+SMTPUTF8 parameter, so that it is relayed with ``MAIL FROM:<> SMTPUTF8``
+(rfc6531 3.4) and may carry UTF-8 in its header fields (rfc6532 3.2), and
+with BODY=8BITMIME when it holds 8-bit octets (rfc6152 2).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from mailsvc.delivery import router
+from mailsvc.delivery.dsnglobal import is_global
 from mailsvc.delivery.dsn import RecipientOutcome, build_dsn, wants_dsn
 from mailsvc.envelope import Envelope, QueuedMessage, Recipient
 
@@ -132,11 +139,10 @@ class Bouncer:
         writer = self.spool.newMessage()
         try:
             writer.write(data)
-            parameters = ((DOUBLE_BOUNCE, "yes"),) if double else ()
             envelope = Envelope(
                 sender="",
                 recipients=tuple(targets),
-                parameters=parameters,
+                parameters=_report_parameters(message.envelope, outcomes, data, double),
                 helo=self.hostname,
                 client_address="127.0.0.1",
                 protocol="local",
@@ -146,3 +152,15 @@ class Bouncer:
         except BaseException:
             writer.abort()
             raise
+
+
+def _report_parameters(envelope: Envelope, outcomes, data: bytes, double: bool) -> tuple[tuple[str, str], ...]:
+    """The MAIL parameters the report on ``outcomes`` of ``envelope`` is queued with."""
+    parameters = [(DOUBLE_BOUNCE, "yes")] if double else []
+    if is_global(envelope, outcomes):
+        # rfc6531 3.2: with DSN advertised, RFC 6533 is implemented; a global
+        # report (mailsvc.delivery.dsnglobal) goes as SMTPUTF8 mail.
+        parameters.append(("SMTPUTF8", ""))
+        if not data.isascii():
+            parameters.append(("BODY", "8BITMIME"))  # rfc6152 2
+    return tuple(parameters)

@@ -5,6 +5,12 @@ message and returns the report in wire form (CRLF line ends), ready to be
 queued from the null sender ``<>`` (rfc3461 6.1, rfc5321 4.5.5) to the
 original envelope sender. ``should_bounce`` and ``wants_dsn`` say whether a
 report is sent at all. Only the standard library is used.
+
+A report on a message received with SMTPUTF8, or naming an address that is
+not ASCII, is an internationalized one (rfc6533, ``mailsvc.delivery.dsnglobal``):
+``message/global-delivery-status`` with ``utf-8`` typed addresses, the
+original as ``message/global`` or ``message/global-headers``. Any other
+report is plain rfc3464, all ASCII but for the returned original.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from datetime import datetime, timezone
 from email.utils import format_datetime, formataddr, make_msgid
 from typing import BinaryIO
 
+from mailsvc.delivery import dsnglobal
 from mailsvc.envelope import Envelope, Recipient
 
 FULL_LIMIT = 10 * 1024 * 1024  # octets of the original returned with RET=FULL
@@ -117,9 +124,13 @@ def build_dsn(
     :param envid: the decoded rfc3461 ENVID; ``None`` takes the envelope's
         ``ENVID`` parameter (xtext, decoded here).
     :param retry_until: for ``delayed``: when we give up (Will-Retry-Until).
+
+    The report is a global one (rfc6533) when ``dsnglobal.is_global`` says
+    so; it must then be sent with SMTPUTF8 (``mailsvc.delivery.bounce``).
     """
     _check_action(action)
     outcomes = list(recipients_with_outcome)
+    utf8 = dsnglobal.is_global(envelope, outcomes)
     if ret is None:
         ret = envelope.parameter("RET") or "HDRS"
     if envid is None and envelope.parameter("ENVID") is not None:
@@ -129,16 +140,22 @@ def build_dsn(
     )
     returned = ("whole" if full else "headers") if original else ""
     text = _human_text(reporting_mta, outcomes, action, retry_until, returned)
-    status = _delivery_status(reporting_mta, envelope, outcomes, action, now, envid, retry_until)
-    parts = [_text_part(text), _part(b"message/delivery-status", b"Delivery report", status)]
+    status = _delivery_status(reporting_mta, envelope, outcomes, action, now, envid, retry_until, utf8)
+    status_type = dsnglobal.STATUS_TYPE if utf8 else b"message/delivery-status"  # rfc6533 6.4
+    parts = [_text_part(text), _part(status_type, b"Delivery report", status)]
     if original:
-        kind = b"message/rfc822" if full else b"text/rfc822-headers"  # rfc6522 4
+        if utf8:  # rfc6533 6.3, rfc6532 3.7: the original may have UTF-8 header fields
+            kind = dsnglobal.FULL_TYPE if full else dsnglobal.HEADERS_TYPE
+        else:
+            kind = b"message/rfc822" if full else b"text/rfc822-headers"  # rfc6522 4
         description = b"Undelivered message" if full else b"Undelivered message headers"
         parts.append(_part(kind, description, original))
     boundary = _boundary(parts)
     eight_bit = any(_is_8bit(part) for part in parts)
+    report_type = dsnglobal.REPORT_TYPE if utf8 else "delivery-status"
     headers = [
         "From: " + formataddr(("Mail Delivery System", f"MAILER-DAEMON@{reporting_mta}")),
+        # rfc6532 3.2: a UTF-8 address goes raw in a global report (sent with SMTPUTF8).
         "To: " + _one_line(f"<{envelope.sender}>"),
         "Subject: " + _SUBJECTS[action],
         "Date: " + _date(now),
@@ -146,11 +163,11 @@ def build_dsn(
         "Auto-Submitted: auto-replied",  # rfc3834 5: no auto-reply to this
         "MIME-Version: 1.0",
         # rfc6522 3, rfc3464 2: the report in three parts.
-        f'Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary="{boundary}"',
+        f'Content-Type: multipart/report; report-type={report_type};\r\n\tboundary="{boundary}"',
     ]
     if eight_bit:
         headers.append("Content-Transfer-Encoding: 8bit")  # rfc2045 6.4: only 7bit/8bit/binary here
-    out = [("\r\n".join(headers) + "\r\n\r\n").encode("utf-8")]
+    out = [("\r\n".join(headers) + "\r\n\r\n").encode("utf-8", "replace")]
     out.append(b"This is a MIME-encapsulated message.\r\n")
     for part in parts:
         out.append(b"\r\n--" + boundary.encode("ascii") + b"\r\n" + part)
@@ -218,10 +235,10 @@ def _human_text(reporting_mta, outcomes, action, retry_until, returned) -> str:
     lines.append("")
     for outcome in outcomes:
         status = _status(outcome.status, action)
-        lines.append(f"<{outcome.recipient.address}>: {_OUTCOME[action]} (status {status})")
+        lines.append(f"<{_shown(outcome.recipient.address)}>: {_OUTCOME[action]} (status {status})")
         if outcome.diagnostic:
             said = f"{outcome.remote_mta} said: " if outcome.remote_mta else ""
-            lines.extend(textwrap.wrap(said + _one_line(outcome.diagnostic), 72, initial_indent="    ",
+            lines.extend(textwrap.wrap(said + _shown(outcome.diagnostic), 72, initial_indent="    ",
                                        subsequent_indent="    ", break_long_words=True) or [])
         lines.append("")
     if action == "failed" and returned:
@@ -230,8 +247,15 @@ def _human_text(reporting_mta, outcomes, action, retry_until, returned) -> str:
     return "\r\n".join(lines) + "\r\n"
 
 
-def _delivery_status(reporting_mta, envelope, outcomes, action, now, envid, retry_until) -> bytes:
-    """The message/delivery-status body: per-message then per-recipient fields (rfc3464 2.2, 2.3)."""
+def _delivery_status(reporting_mta, envelope, outcomes, action, now, envid, retry_until, utf8=False) -> bytes:
+    """The message/delivery-status body: per-message then per-recipient fields (rfc3464 2.2, 2.3).
+
+    ``utf8``: the message/global-delivery-status body of a global report
+    (rfc6533 6.4): addresses typed by ``dsnglobal.typed_address`` (rfc6533
+    3) and Diagnostic-Code text in UTF-8 (rfc6533 6.2: "smtp" may be UTF-8
+    there); the other fields stay ASCII as before.
+    """
+    address = dsnglobal.typed_address if utf8 else (lambda a: f"rfc822; {a}")
     fields = []
     if envid:
         fields.append(_field("Original-Envelope-Id", envid))  # rfc3464 2.2.1
@@ -245,20 +269,20 @@ def _delivery_status(reporting_mta, envelope, outcomes, action, now, envid, retr
         recipient = outcome.recipient
         block = []
         if recipient.original:
-            block.append(_field("Original-Recipient", f"rfc822; {recipient.original}"))  # 2.3.1
-        block.append(_field("Final-Recipient", f"rfc822; {recipient.address}"))  # 2.3.2
+            block.append(_field("Original-Recipient", address(recipient.original), utf8))  # 2.3.1
+        block.append(_field("Final-Recipient", address(recipient.address), utf8))  # 2.3.2
         block.append(_field("Action", action))  # 2.3.3
         block.append(_field("Status", _status(outcome.status, action)))  # 2.3.4
         if outcome.remote_mta:
             block.append(_field("Remote-MTA", f"dns; {outcome.remote_mta}"))  # 2.3.5
         if outcome.diagnostic:
-            block.append(_field("Diagnostic-Code", _diagnostic(outcome.diagnostic)))  # 2.3.6
+            block.append(_field("Diagnostic-Code", _diagnostic(outcome.diagnostic), utf8))  # 2.3.6
         block.append(_field("Last-Attempt-Date", _date(now)))  # 2.3.7
         if action == "delayed" and retry_until is not None:
             block.append(_field("Will-Retry-Until", _date(retry_until)))  # 2.3.9: delayed only
         blocks.append(block)
     # rfc3464 2.3: each group of per-recipient fields is preceded by a blank line.
-    return "\r\n".join("".join(block) for block in blocks).encode("ascii")
+    return "\r\n".join("".join(block) for block in blocks).encode("utf-8" if utf8 else "ascii")
 
 
 def _diagnostic(text: str) -> str:
@@ -273,12 +297,24 @@ def _status(status: str, action: str) -> str:
     return status if _STATUS.match(status or "") else _DEFAULT_STATUS[action]
 
 
-def _field(name: str, value: str) -> str:
-    """One DSN field, ASCII only, folded at spaces near 78 columns (rfc3464 2.1.1)."""
-    value = _one_line(value).encode("ascii", "replace").decode("ascii")
+def _field(name: str, value: str, utf8: bool = False) -> str:
+    """One DSN field, folded at spaces near 78 columns (rfc3464 2.1.1).
+
+    ASCII only, but for ``utf8`` (a field of message/global-delivery-status,
+    rfc6533 6.4): then UTF-8, a long word cut at 900 octets between
+    characters and never inside a ``\\x{HEX}``.
+    """
+    value = _one_line(value)
+    if utf8:
+        value = value.encode("utf-8", "replace").decode("utf-8")  # a lone surrogate becomes "?"
+    else:
+        value = value.encode("ascii", "replace").decode("ascii")
     words = []
     for word in value.split(" "):
-        words.extend(word[i : i + 900] for i in range(0, max(len(word), 1), 900))
+        if utf8 and len(word.encode("utf-8")) > 900:
+            words.extend(dsnglobal.pieces(word, 900))
+        else:
+            words.extend(word[i : i + 900] for i in range(0, max(len(word), 1), 900))
     lines = [f"{name}: {words[0]}"]
     for word in words[1:]:
         if len(lines[-1]) + 1 + len(word) > 78:
@@ -286,6 +322,11 @@ def _field(name: str, value: str) -> str:
         else:
             lines[-1] += " " + word
     return "\r\n".join(lines) + "\r\n"
+
+
+def _shown(text: str) -> str:
+    """``text`` for the human-readable part: one line, any lone surrogate as "?"."""
+    return _one_line(text).encode("utf-8", "replace").decode("utf-8")
 
 
 def _one_line(text: str) -> str:
