@@ -20,7 +20,8 @@ import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
@@ -131,6 +132,9 @@ class Config:
     hold_sites: tuple[HoldSiteConfig, ...] = ()  # [[hold.site]] (mailsvc.turnconfig)
     atrn: ATRNConfig = ATRNConfig()  # [atrn]
     callins: tuple[CallInConfig, ...] = ()  # [[callin]] (mailsvc.turnconfig)
+    # The file's text as read: receiver processes load this very text
+    # (mailsvc.receiverprocesses), even if the file changed since.
+    text: str = field(default="", repr=False, compare=False)
 
 
 def load(path: str | os.PathLike) -> Config:
@@ -160,7 +164,7 @@ def loads(text: str, path: str | os.PathLike) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path.name}: not valid TOML: {e}") from None
-    return _read(data, path)
+    return dataclasses.replace(_read(data, path), text=text)
 
 
 

@@ -6,7 +6,9 @@ never by hand::
     python -m mailsvc.receiverchild --config FILE --number N --channel FD \\
         --listen '[["[smtp] listen[0]", FD, FAMILY], ...]'
 
-It reads the same config, builds the same listeners' factories
+It reads the same config (with ``--config-on-stdin``, the text the main
+process loaded, from standard input: the file may have been edited since),
+builds the same listeners' factories
 (``mailsvc.listeners.smtp_listeners``: the receiver, policies, directory,
 STARTTLS, AUTH) and accepts on the inherited sockets. A message is committed
 to the spool here (fsync, rename) before the 250; then ``Queued`` tells the
@@ -113,12 +115,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--number", type=int, required=True)
     parser.add_argument("--channel", type=int, required=True)
     parser.add_argument("--listen", required=True, help="JSON: [[key, fd, address family], ...]")
+    parser.add_argument("--config-on-stdin", action="store_true", help="the config's text is on standard input")
     args = parser.parse_args(argv)
     _log_to_stderr(sys.stderr.buffer)
 
     from twisted.internet import reactor
 
-    cfg = configuration.load(Path(args.config))
+    if args.config_on_stdin:
+        cfg = configuration.loads(sys.stdin.buffer.read().decode("utf-8"), Path(args.config))
+    else:
+        cfg = configuration.load(Path(args.config))
     run_blocking = tap.thread_pool_runner(reactor)
     flusher = FlushWorker(reactor)
     reactor.addSystemEventTrigger("after", "shutdown", flusher.stop)

@@ -243,6 +243,11 @@ class ReceiverProcesses(service.Service):
     services, started before this one) and keeps them running.
 
     :param config_path: the config file the receivers read.
+    :param config_text: its text as this process read it, given to each
+        receiver on its standard input, so that a receiver started after
+        the file was edited still runs the config this process runs
+        (changes take effect on a restart of the server); ``""``: the
+        receivers read the file.
     :param spool: the ``ISpool`` (``find``: a committed message's control file).
     :param runner: the ``QueueRunner`` (``submit``).
     :param turnaround: the ``TurnAround`` (``on_etrn``).
@@ -252,12 +257,13 @@ class ReceiverProcesses(service.Service):
     name = "receiver processes"
 
     def __init__(self, reactor, count: int, config_path, listeners, spool, runner, turnaround,
-                 run_blocking=defer.maybeDeferred, python: str = sys.executable) -> None:
+                 run_blocking=defer.maybeDeferred, python: str = sys.executable, config_text: str = "") -> None:
         self.reactor = reactor
         self.run_blocking = run_blocking
         self._settling = False
         self.count = count
         self.config_path = os.fspath(config_path)
+        self.config_text = config_text
         self.listeners = list(listeners)
         self.spool = spool
         self.runner = runner
@@ -285,6 +291,7 @@ class ReceiverProcesses(service.Service):
         argv = [
             self.python, "-m", "mailsvc.receiverchild", "--config", self.config_path,
             "--number", str(number), "--channel", "3", "--listen", json.dumps(listen),
+            *(["--config-on-stdin"] if self.config_text else []),
         ]
         # The receiver imports what this process imports (plugins included).
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
@@ -293,6 +300,9 @@ class ReceiverProcesses(service.Service):
             self.reactor.spawnProcess(child, self.python, argv, env=env, childFDs=child_fds)
         finally:
             receiver_end.close()
+        if self.config_text:
+            child.transport.writeToChild(0, self.config_text.encode("utf-8"))
+        child.transport.closeChildFD(0)  # end of the config (or nothing) for the receiver
         main_end.setblocking(False)
         factory = protocol.Factory.forProtocol(lambda: _MainSide(self))
         self.reactor.adoptStreamConnection(main_end.fileno(), socket.AF_UNIX, factory)

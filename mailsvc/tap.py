@@ -252,7 +252,7 @@ def build(cfg: configuration.Config, reactor) -> service.MultiService:
         # SMTP served by child processes on these listeners' sockets.
         receivers = ReceiverProcesses(
             reactor, cfg.server.receiver_processes, cfg.path.resolve(), listeners, spool, runner, turnaround,
-            run_blocking=run_blocking,
+            run_blocking=run_blocking, config_text=cfg.text,
         )
     if cfg.pop3.enabled:  # imported here: twisted.mail imports the global reactor
         from mailsvc.pop3 import pop3_listeners

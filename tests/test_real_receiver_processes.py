@@ -137,6 +137,25 @@ def test_a_receiver_that_dies_is_started_again(receivers_server):
     server.wait_for_mail("alice", 6)
 
 
+def test_a_receiver_started_again_runs_the_config_the_server_runs(receivers_server):
+    """The config file is edited while the server runs (max_recipients 1);
+    a receiver started again after that still runs the config the main
+    process loaded (both recipients taken): changes wait for a restart, as
+    they do for the main process, instead of splitting the server in two."""
+    server = receivers_server
+    server.sections.setdefault("smtp", {})["max_recipients"] = 1
+    server.write_config()
+    for victim in receiver_pids(server):
+        os.kill(victim, signal.SIGKILL)
+    server.wait_for_log("starting it again in 1 s", count=RECEIVERS)
+    server.wait_for_log("serving 3 listener(s)", count=RECEIVERS * 2)
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+        assert client.sendmail("x@remote.test", ["alice@example.test", "bob@example.test"], MESSAGE) == {}
+    server.wait_for_mail("alice")
+    server.wait_for_mail("bob")
+    assert "config error" not in server.log() + server.stderr()
+
+
 def test_sigterm_stops_the_receivers_with_the_server(receivers_server):
     server = receivers_server
     pids = receiver_pids(server)
