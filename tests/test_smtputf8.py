@@ -6,6 +6,7 @@ from __future__ import annotations
 import unicodedata
 
 import pytest
+from hypothesis import given, settings, strategies as st
 from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
@@ -149,6 +150,31 @@ def test_orcpt_of_type_utf8():
 
 def test_help_mail_names_smtputf8():
     assert "SMTPUTF8" in utf8_driver().feed(b"HELP MAIL\r\n")
+
+
+_ADDRESS_BYTES = st.one_of(
+    st.binary(max_size=40),
+    st.text(max_size=30).map(lambda t: t.encode("utf-8", "surrogatepass")),
+    st.sampled_from([b"j\xc3\xb6rg@b\xc3\xbccher.example", b'"\xc3\xa9 x"@e.test', b"\xff@x.test", b"a@\xe2\x80\x8f.test"]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(sender=_ADDRESS_BYTES, recipient=_ADDRESS_BYTES, declare=st.booleans(), params=st.binary(max_size=20))
+def test_any_octets_in_paths_get_an_ascii_reply_and_the_session_goes_on(sender, recipient, declare, params):
+    """Whatever octets a client puts in MAIL and RCPT (no CR or LF): one
+    reply each, in ASCII (rfc6531 3.7.4), a code the RFCs give for them,
+    and the session still answers NOOP."""
+    d = utf8_driver()
+    d.feed(b"EHLO c.test\r\n")
+    strip = lambda b: b.replace(b"\r", b"").replace(b"\n", b"")  # noqa: E731
+    mail = b"MAIL FROM:<" + strip(sender) + b">" + (b" SMTPUTF8" if declare else b"") + b" " + strip(params)
+    rcpt = b"RCPT TO:<" + strip(recipient) + b">"
+    for line in (mail, rcpt):
+        reply = d.feed(line + b"\r\n")
+        assert reply.isascii(), reply
+        assert reply.count("\r\n") == 1 and reply[:3] in {"250", "500", "501", "503", "550", "552", "553", "555"}, reply
+    assert d.feed(b"NOOP\r\n") == "250 2.0.0 Ok\r\n"
 
 
 # ---------------------------------------------------------------- addresses
