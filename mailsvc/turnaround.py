@@ -42,7 +42,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailsvc.clientprotocol import SMTPClientProtocol
+from mailsvc.bsmtp import peek_header
+from mailsvc.clientprotocol import CHUNK_SIZE, SMTPClientProtocol
 from mailsvc.clientresults import SendResult, SMTPSessionError
 from mailsvc.configtable import checkDomain
 from mailsvc.delivery.hold import domain_of
@@ -409,17 +410,18 @@ class ReversedSessionAgent:
         pending = [r for r in message.envelope.recipients if r.state is RecipientState.PENDING]
         if not pending:
             return {}
-        try:
-            transaction = _transaction(message, pending, self.spool)
-        except ValueError as e:
-            return {r.address: PermanentDeliveryError(f"bad envelope: {e}", "5.1.7") for r in pending}
         body = self.spool.open(message)
         try:
-            result = await self.client.send(transaction, body)
-        except SMTPSessionError as e:
-            results = _broken(self.name, transaction, e)
-        else:
-            results = transaction_results(self.name, transaction, result, "DSN" in self.client.extensions)
+            try:
+                transaction = _transaction(message, pending, self.spool, _ascii_headers(message, body))
+            except ValueError as e:
+                return {r.address: PermanentDeliveryError(f"bad envelope: {e}", "5.1.7") for r in pending}
+            try:
+                result = await self.client.send(transaction, body)
+            except SMTPSessionError as e:
+                results = _broken(self.name, transaction, e)
+            else:
+                results = transaction_results(self.name, transaction, result, "DSN" in self.client.extensions)
         finally:
             body.close()
         if isinstance(results, DeliveryError):
@@ -431,7 +433,19 @@ class ReversedSessionAgent:
         return results
 
 
-def _transaction(message: QueuedMessage, recipients, spool) -> Transaction:
+def _ascii_headers(message: QueuedMessage, body) -> bool:
+    """Whether the header section of ``message`` (open as ``body``, seekable)
+    is all ASCII, when that decides whether it needs SMTPUTF8 (it came with
+    the parameter: rfc6531 3.4, as the relay decides it); ``body`` is left at
+    its start."""
+    if message.envelope.parameter("SMTPUTF8") is None:
+        return False
+    _, ascii_headers = peek_header(iter(lambda: body.read(CHUNK_SIZE), b""))
+    body.seek(0)
+    return ascii_headers
+
+
+def _transaction(message: QueuedMessage, recipients, spool, ascii_headers: bool = False) -> Transaction:
     """The envelope of ``message`` for ``recipients``, as the relay sends it."""
     envelope = message.envelope
     params = {}
@@ -443,9 +457,11 @@ def _transaction(message: QueuedMessage, recipients, spool) -> Transaction:
     body_8bit = (envelope.parameter("BODY") or "").upper() == "8BITMIME"
     rcpts = tuple((r.address, dsn_parameters(r)) for r in recipients)
     try:
-        return Transaction(envelope.sender, rcpts, params, size=size, body_8bit=body_8bit)
+        return Transaction(envelope.sender, rcpts, params, size=size, body_8bit=body_8bit, ascii_headers=ascii_headers)
     except ValueError:
-        return Transaction(envelope.sender, tuple(r.address for r in recipients), {}, size=size, body_8bit=body_8bit)
+        kept = {key: None for key in params if key == "SMTPUTF8"}  # it cannot be bad (rfc6531 3.4)
+        return Transaction(envelope.sender, tuple(r.address for r in recipients), kept, size=size,
+                           body_8bit=body_8bit, ascii_headers=ascii_headers)
 
 
 def _broken(name: str, transaction: Transaction, error: SMTPSessionError) -> dict:

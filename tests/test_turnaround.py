@@ -453,6 +453,35 @@ def test_reversed_session_agent_one_message_at_a_time(tmp_path):
     assert agent.delivered == 1 and agent.kept == 1
 
 
+@pytest.mark.parametrize(
+    "body, need",
+    [
+        (b"Subject: plain\r\n\r\nGr\xc3\xbc\xc3\x9fe in the body only\r\n", ""),
+        (b"Subject: Gr\xc3\xbc\xc3\x9fe\r\n\r\nhi\r\n", "its header section is not ASCII"),
+    ],
+)
+def test_smtputf8_held_mail_needs_it_only_with_utf8_headers(tmp_path, body, need):
+    """As the relay decides it (rfc6531 3.4): a held message that came with
+    SMTPUTF8 needs it only if its header section is not ASCII; the body is
+    then sent from its first octet."""
+    provider = Provider(tmp_path / "p")
+    provider.hold_mail("u@customer.example", body=body, parameters=(("SMTPUTF8", ""),))
+    sent = []
+
+    class Client:
+        extensions = {}
+
+        def send(self, transaction, source):
+            sent.append((transaction, source.read()))
+            return defer.Deferred()
+
+    [message] = provider.held()
+    ReversedSessionAgent(Client(), provider.spool, "[192.0.2.1]").deliver(message)
+    [(transaction, data)] = sent
+    assert transaction.smtputf8_need == need
+    assert data.endswith(body)
+
+
 def test_clock_is_only_a_parameter():
     """The turn-around module takes its clock; it imports no reactor."""
     import mailsvc.callin

@@ -92,7 +92,7 @@ class Provider:
             auth_without_tls=not tls, challenge_auth_without_tls=True,
         ), self.clock, **common)
 
-    def hold_mail(self, *addresses: str, body: bytes = b"Subject: held\r\n\r\nKept for you.\r\n") -> str:
+    def hold_mail(self, *addresses: str, body: bytes = b"Subject: held\r\n\r\nKept for you.\r\n", parameters=()) -> str:
         """Commit one message for ``addresses`` under their hold hops (other
         domains: the relay hop); return its ID."""
         router = Router({d: site.hop for site in self.sites for d in site.domains})
@@ -100,7 +100,7 @@ class Provider:
         writer = self.spool.newMessage()
         writer.write(body)
         envelope = Envelope(sender="sender@far.test", recipients=recipients, received_at=self.clock.seconds() + 1,
-                            prepend_headers=("Received: from far.test by provider.test",))
+                            prepend_headers=("Received: from far.test by provider.test",), parameters=tuple(parameters))
         writer.commit(envelope, router.routes(recipients))
         return writer.id
 
