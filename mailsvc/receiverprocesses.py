@@ -24,7 +24,8 @@ What they say to each other goes over a socket pair, in AMP:
   removal is durable (``spool.recycle``), so it keeps them and hands them
   out: the receivers neither make a file per message nor does this process
   delete one (either costs ~0.1 ms of kernel time). Files given to a
-  receiver that dies are picked up by the next start's recovery.
+  receiver that ends and still in ``spent/`` (it did not use them: a used
+  one is renamed away, and names are never used twice) are taken back.
 
 A receiver's log events come on its standard error, one JSON object a line,
 already rendered (``logobserver.event_text``), and are logged here as they
@@ -106,6 +107,9 @@ class Spent(amp.Command):
 LOW = 64
 BATCH = 256
 SETTLE_AT = 64
+# The names given to a receiver are looked over (which are still unused in
+# spent/) when there are this many: it holds at most LOW + BATCH unused.
+GIVEN_CHECK_AT = 4 * BATCH
 
 
 class Etrn(amp.Command):
@@ -184,6 +188,9 @@ class _MainSide(amp.AMP):
         super().__init__()
         self.owner = owner
         self.given = 0  # spent file names sent to this receiver, in all
+        # Those of them it may not have used yet (a superset), to be taken
+        # back if it ends (ReceiverProcesses.ended).
+        self.given_names: set[str] = set()
 
     @Queued.responder
     def queued(self, id: str, hop: str, message: bytes, spare: int, received: int):
@@ -205,6 +212,7 @@ class _Receiver(protocol.ProcessProtocol):
         self.number = number
         self.started = owner.reactor.seconds()
         self.ended = defer.Deferred()
+        self.side: _MainSide | None = None  # its end of the socket pair
         self._partial = {1: b"", 2: b""}  # an unfinished line, per stream
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
@@ -304,7 +312,8 @@ class ReceiverProcesses(service.Service):
             child.transport.writeToChild(0, self.config_text.encode("utf-8"))
         child.transport.closeChildFD(0)  # end of the config (or nothing) for the receiver
         main_end.setblocking(False)
-        factory = protocol.Factory.forProtocol(lambda: _MainSide(self))
+        child.side = side = _MainSide(self)
+        factory = protocol.Factory.forProtocol(lambda: side)
         self.reactor.adoptStreamConnection(main_end.fileno(), socket.AF_UNIX, factory)
         main_end.close()
         self.children[number] = child
@@ -334,6 +343,9 @@ class ReceiverProcesses(service.Service):
             names = self.spool.give_spent(BATCH - spare - on_the_way)
             if names:
                 side.given += len(names)
+                side.given_names.update(names)
+                if len(side.given_names) >= GIVEN_CHECK_AT:
+                    side.given_names = set(self.spool.spent_given_unused(side.given_names))
                 side.callRemote(Spent, names=names)
         if not self._settling and self.spool.spent_pending() >= SETTLE_AT:
             self._settling = True
@@ -347,6 +359,14 @@ class ReceiverProcesses(service.Service):
     def ended(self, child: _Receiver, reason) -> None:
         if self.children.get(child.number) is child:
             del self.children[child.number]
+        if child.side is not None and child.side.given_names:
+            # The spent files it was given and did not use are this process's
+            # again (else they wait in spent/ for the next start's recovery).
+            names, child.side.given_names = child.side.given_names, set()
+            taken = self.spool.take_back_spent(names)
+            if taken:
+                log.info("took back {count} unused spool file(s) of receiver process {number}",
+                         count=taken, number=child.number)
         if not self.running:
             return
         young = self.reactor.seconds() - child.started < YOUNG

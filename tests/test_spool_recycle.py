@@ -227,6 +227,36 @@ def test_removed_files_are_given_to_a_receiver_only_once_their_removal_is_durabl
     assert FileSpool(tmp_path).queued() == [new]
 
 
+def test_files_given_to_a_receiver_that_ended_come_back_unless_used(tmp_path):
+    """A receiver process ends: the spent files it was given and did not use
+    (still in spent/) are the main process's again, the used ones not."""
+    from types import SimpleNamespace
+
+    from twisted.python.failure import Failure
+
+    from mailsvc.receiverprocesses import ReceiverProcesses
+
+    main = FileSpool(tmp_path)
+    for message in [queue(main, b"x\r\n")[0] for _ in range(3)]:
+        main.remove(done(message))
+    main.settle_spent()
+    assert main.spent_ready() == 6
+    given = []
+    side = SimpleNamespace(given=0, given_names=set(), callRemote=lambda command, names: given.extend(names))
+    processes = ReceiverProcesses(None, 1, "x.toml", [], main, None, None)
+    processes.feed(side, spare=0, received=0)
+    assert sorted(given) == spent(tmp_path) and main.spent_ready() == 0
+    receiver = FileSpool(tmp_path, recycle=0)
+    receiver.take_spent(given)
+    [used] = queue(receiver, b"hi\r\n")  # takes two of the six
+    processes.ended(SimpleNamespace(number=1, side=side), Failure(RuntimeError("killed")))
+    assert main.spent_ready() == 4 and len(spent(tmp_path)) == 4
+    unused = {(tmp_path / "spent" / name).stat().st_ino for name in spent(tmp_path)}
+    [again] = queue(main, b"again\r\n")  # the main process reuses two of them
+    assert inodes(tmp_path, again) < unused and len(spent(tmp_path)) == 2
+    assert {m.id for m in FileSpool(tmp_path).queued()} == {used.id, again.id}
+
+
 def test_a_receiver_without_given_files_makes_new_ones(tmp_path):
     receiver = FileSpool(tmp_path, recycle=0)
     [message] = queue(receiver, b"hello\r\n")

@@ -332,6 +332,16 @@ class FileSpool:
         """Files of ``spent/`` given by the main process become reusable here."""
         return self._spent.take_in(names)
 
+    def spent_given_unused(self, names) -> list[str]:
+        """Those of the spent file ``names`` given away (``give_spent``) that
+        are still unused in ``spent/``."""
+        return self._spent.still_spent(names)
+
+    def take_back_spent(self, names) -> int:
+        """Files given to a receiver process that ended and did not use them
+        (still in ``spent/``) are ready here again; how many."""
+        return self._spent.take_in(self._spent.still_spent(names))
+
     def spent_ready(self) -> int:
         """How many removed files are ready for reuse now."""
         return self._spent.ready()

@@ -221,6 +221,12 @@ class SpentFiles:
             self._ready.extend(names)
         return len(names)
 
+    def still_spent(self, names: Iterable[str]) -> list[str]:
+        """Those of ``names`` (given away) that are still in ``spent/``: not
+        used by the process they were given to, since a file it used was
+        renamed away, and names are never used again. Blocking (a stat each)."""
+        return [n for n in names if n and os.sep not in n and os.path.lexists(self._dir + n)]
+
     def ready(self) -> int:
         """How many files may be taken now."""
         with self._lock:
