@@ -17,7 +17,7 @@ from pathlib import Path
 
 from twisted.internet import defer
 
-from mailsvc import bsmtp, rsmtp
+from mailsvc import batchreader, bsmtp, rsmtp
 from mailsvc.envelope import Envelope, Recipient
 from mailsvc.errors import SpoolError
 from mailsvc.policy import Verdict
@@ -90,7 +90,7 @@ def test_three_transactions_middle_one_broken(tmp_path):
         + b"QUIT\r\n"
     )
     status, err = run(tmp_path, batch)
-    assert status == rsmtp.EX_DATAERR
+    assert status == batchreader.EX_DATAERR
     assert "line 11: RCPT TO:<nobody@example.test>: 550 5.1.1" in err
     assert "line 12: DATA: 554" in err  # no valid recipient: the message is skipped, not read as commands
     assert "the message of lines 13 to 14 is skipped" in err
@@ -142,7 +142,7 @@ def test_missing_terminator_loses_only_the_last(tmp_path):
     with its line, the earlier one is queued, nothing half-written is left."""
     batch = transaction("a@x.test", "bob@example.test") + b"MAIL FROM:<b@x.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\nhalf\r\n"
     status, err = run(tmp_path, batch)
-    assert status == rsmtp.EX_DATAERR
+    assert status == batchreader.EX_DATAERR
     assert "line 12: end of input inside the message begun at line 11" in err
     assert [m.envelope.sender for m in queued(tmp_path)] == ["a@x.test"]
     assert os.listdir(tmp_path / "spool" / "tmp") == []
@@ -160,7 +160,7 @@ def test_bad_command_and_bare_lf_do_not_stop_the_batch(tmp_path):
         + b"QUIT\r\n"
     )
     status, err = run(tmp_path, batch)
-    assert status == rsmtp.EX_DATAERR
+    assert status == batchreader.EX_DATAERR
     assert "line 2: FROB: 500 5.5.2" in err
     assert "line 11: NOOP: refused: the line ends with a bare LF" in err
     assert len(queued(tmp_path)) == 2
@@ -175,7 +175,7 @@ def test_body_after_refused_mail_is_never_read_as_commands(tmp_path):
         + transaction("good@x.test", "bob@example.test")
     )
     status, err = run(tmp_path, batch)
-    assert status == rsmtp.EX_DATAERR
+    assert status == batchreader.EX_DATAERR
     assert "line 1: MAIL FROM:<bad address>: 501" in err
     assert [m.envelope.sender for m in queued(tmp_path)] == ["good@x.test"]
 
@@ -185,7 +185,7 @@ def test_transaction_without_data_is_dropped_and_the_next_one_kept(tmp_path):
     reported as dropped, the new one goes through."""
     batch = b"MAIL FROM:<a@x.test>\r\nRCPT TO:<bob@example.test>\r\n" + transaction("b@x.test", "alice@example.test")
     status, err = run(tmp_path, batch)
-    assert status == rsmtp.EX_DATAERR
+    assert status == batchreader.EX_DATAERR
     assert "line 3: the transaction begun at line 1 has no DATA; it is dropped" in err
     assert [m.envelope.sender for m in queued(tmp_path)] == ["b@x.test"]
 
@@ -208,7 +208,7 @@ def test_data_bare_lf_refused_and_big_message_streamed(tmp_path):
         "b@x.test", "bob@example.test", body=big
     )
     status, err = run(tmp_path, batch)
-    assert status == rsmtp.EX_DATAERR
+    assert status == batchreader.EX_DATAERR
     assert "550 5.5.2" in err
     [message] = queued(tmp_path)
     assert content(tmp_path, message).split(b"\r\n", 1)[1] == big
@@ -236,8 +236,8 @@ def test_spool_failure_is_temporary(tmp_path):
     """The spool refuses (452 4.3.1): exit 75, so that uuxqt may run the batch again."""
     context, settings = context_for(tmp_path, spool=BrokenSpool())
     err = []
-    result = rsmtp.BatchReader(context, settings, say=err.append).read(io.BytesIO(transaction("a@x.test", "bob@example.test")))
-    assert result.exit_status == rsmtp.EX_TEMPFAIL
+    result = batchreader.BatchReader(context, settings, say=err.append).read(io.BytesIO(transaction("a@x.test", "bob@example.test")))
+    assert result.exit_status == batchreader.EX_TEMPFAIL
     assert any("452 4.3.1" in line for line in err)
     assert result.queued == []
 
@@ -257,8 +257,8 @@ def test_asynchronous_policy_stops_the_batch_as_temporary(tmp_path):
     waited for; the batch stops with status 75 (and nothing half-queued)."""
     context, settings = context_for(tmp_path, policies=[SlowPolicy()])
     err = []
-    result = rsmtp.BatchReader(context, settings, say=err.append).read(io.BytesIO(transaction("a@x.test", "bob@example.test")))
-    assert result.exit_status == rsmtp.EX_TEMPFAIL
+    result = batchreader.BatchReader(context, settings, say=err.append).read(io.BytesIO(transaction("a@x.test", "bob@example.test")))
+    assert result.exit_status == batchreader.EX_TEMPFAIL
     assert "asynchronously" in err[0]
     assert queued(tmp_path) == []
 
@@ -281,8 +281,8 @@ def test_policies_apply_as_over_smtp(tmp_path):
     context, settings = context_for(tmp_path, policies=[RejectingPolicy()])
     err = []
     batch = transaction("spam@x.test", "bob@example.test") + transaction("ok@x.test", "bob@example.test")
-    result = rsmtp.BatchReader(context, settings, say=err.append).read(io.BytesIO(batch))
-    assert result.exit_status == rsmtp.EX_DATAERR
+    result = batchreader.BatchReader(context, settings, say=err.append).read(io.BytesIO(batch))
+    assert result.exit_status == batchreader.EX_DATAERR
     assert err[0].startswith("line 8: end of the message begun at line 3: 554 5.7.1 no thanks")
     [message] = queued(tmp_path)
     assert message.envelope.prepend_headers[1] == "X-Checked: yes"
