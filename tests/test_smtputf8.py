@@ -13,6 +13,7 @@ from twisted.internet.testing import StringTransport
 
 from mailsvc.config import loads
 from mailsvc.directory import ConfigDirectory
+from mailsvc.errors import ConfigError
 from mailsvc.protocol import SMTPServerFactory
 from mailsvc.receiver import ReceiverContext, ReceiverSettings
 from mailsvc.smtp import events as ev
@@ -242,7 +243,7 @@ def test_utf8_alias_expands(directory):
 
 
 def test_bad_utf8_user_name_in_config(tmp_path):
-    with pytest.raises(Exception) as raised:
+    with pytest.raises(ConfigError) as raised:
         loads('[local]\nusers = ["j\u00f6rg/x"]\n', tmp_path / "mailsvc.toml")
     assert "users[0]" in str(raised.value)
 

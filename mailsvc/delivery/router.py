@@ -14,7 +14,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from mailsvc.envelope import Recipient
-from mailsvc.smtp.address import AddressError, ascii_domain
+from mailsvc.smtp.address import domain_key
 
 LOCAL = "local"
 RELAY = "relay"
@@ -41,13 +41,8 @@ class Router:
         """The spool hop of ``recipient``."""
         if recipient.mailbox:
             return LOCAL
-        domain = recipient.address.rpartition("@")[2]
-        if not domain.isascii():
-            try:
-                domain = ascii_domain(domain)  # configured domains are A-labels (rfc6531 3.2)
-            except AddressError:
-                return RELAY
-        return self.domain_hops.get(domain.lower().rstrip("."), RELAY)
+        # Configured domains are A-labels (rfc6531 3.2); a bad IDN matches none.
+        return self.domain_hops.get(domain_key(recipient.address.rpartition("@")[2]), RELAY)
 
     def routes(self, recipients: Iterable[Recipient]) -> dict[str, tuple[Recipient, ...]]:
         """Group recipients by hop, keeping their order."""
